@@ -1,0 +1,187 @@
+"""The command line: `python -m dataproc [serve|source|init-db|create-user|populate]`.
+
+Owns: parsing arguments, building the `Config` from the environment and `.env`, running one
+command, shutting down on SIGTERM/SIGINT, and turning expected failures into one line on
+stderr with a non-zero exit (never a traceback). Leaves the wiring to `runtime`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from . import __version__, logs
+from .config import Config, ConfigError, from_env
+
+log = logging.getLogger("dataproc.main")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command."""
+    parser = argparse.ArgumentParser(prog="dataproc", description="Data-point ingestion service.")
+    parser.add_argument("--version", action="version", version=f"dataproc {__version__}")
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser("serve", help="run the service (the default command)")
+    serve.add_argument("--host", help="listen address (DATAPROC_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (DATAPROC_PORT, default 8080)")
+    serve.add_argument("--workers", type=int, help="pre-forked processes (DATAPROC_WORKERS, default 1)")
+    source = commands.add_parser("source", help="run the simulated upstream")
+    source.add_argument("--host", default="127.0.0.1")
+    source.add_argument("--port", type=int, default=28462)
+    source.add_argument("--seed", type=int)
+    commands.add_parser("init-db", help="apply schema.sql to the database (idempotent)")
+    user = commands.add_parser("create-user", help="create a user or reset its password")
+    user.add_argument("name")
+    user.add_argument("--admin", action="store_true", help="give the user the admin role")
+    populate = commands.add_parser("populate", help="one ingestion run")
+    populate.add_argument("--count", type=int, default=1, help="points to fetch (1..100)")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The configuration from the environment and `.env`, with command-line overrides."""
+    config = from_env(os.environ)
+    overrides = {name: getattr(args, name) for name in ("host", "port", "workers")
+                 if getattr(args, name, None) is not None}
+    if overrides.get("port") is not None and not 0 <= overrides["port"] <= 65535:
+        raise ConfigError(f"--port: must be between 0 and 65535, got {overrides['port']}")
+    if overrides.get("workers") is not None and not 1 <= overrides["workers"] <= 64:
+        raise ConfigError(f"--workers: must be between 1 and 64, got {overrides['workers']}")
+    return config.replace(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    """Run the service until SIGTERM or SIGINT, then drain and exit 0."""
+    from .runtime import Service
+
+    if config.workers > 1:
+        from .workers import serve_workers
+
+        return serve_workers(config)
+    service = Service(config).start()
+    wait_for_signal()
+    log.info("shutting down: draining requests (up to %g s)", config.shutdown_grace_s)
+    finished = service.stop()
+    log.info("stopped%s", "" if finished else " (some requests were cut off at the grace limit)")
+    return 0
+
+
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+
+
+def cmd_source(args: argparse.Namespace, config: Config | None) -> int:
+    """Run the simulated upstream."""
+    from . import simsource
+
+    argv = ["--host", args.host, "--port", str(args.port)]
+    return simsource.main(argv + (["--seed", str(args.seed)] if args.seed is not None else []))
+
+
+def cmd_init_db(args: argparse.Namespace, config: Config) -> int:
+    """Apply schema.sql."""
+    from . import runtime
+
+    config, database = runtime.open_database(config)
+    runtime.connect(config, database, max_size=1).close()
+    print("schema applied")
+    return 0
+
+
+def read_new_password() -> str:
+    """A password from stdin (piped) or typed twice at a prompt."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("New password: ")
+    if getpass.getpass("Repeat it: ") != first:
+        raise ConfigError("password: the two entries differ")
+    return first
+
+
+def cmd_create_user(args: argparse.Namespace, config: Config) -> int:
+    """Create a user or reset its password (and role)."""
+    from . import api, passwords, runtime, store
+
+    if not api.USERNAME.fullmatch(args.name):
+        raise ConfigError("NAME: 3 to 64 characters from A-Z a-z 0-9 . _ @ -")
+    password = read_new_password()
+    size = len(password.encode())
+    if not config.password_min_bytes <= size <= passwords.MAX_PASSWORD_BYTES:
+        raise ConfigError(f"password: must be {config.password_min_bytes} to 72 bytes of UTF-8")
+    config, database = runtime.open_database(config)
+    pool = runtime.connect(config, database, max_size=1)
+    try:
+        role = "admin" if args.admin else "user"
+        created = store.upsert_user(pool, args.name, passwords.hash_password(password, config.bcrypt_cost), role)
+    finally:
+        pool.close()
+    print(f"{'created' if created else 'updated'} {role} {args.name}")
+    return 0
+
+
+def cmd_populate(args: argparse.Namespace, config: Config) -> int:
+    """One ingestion run; prints what was stored as JSON."""
+    from . import ingest, runtime
+
+    if not 1 <= args.count <= 100:
+        raise ConfigError(f"--count: must be between 1 and 100, got {args.count}")
+    config, database = runtime.open_database(config)
+    pool = runtime.connect(config, database, max_size=1)
+    upstream, url = None, config.upstream_url
+    if url is None and database.embedded is not None:
+        upstream, url = runtime.start_simulated_upstream()
+    try:
+        batch = ingest.Ingestor(config, pool, url).batch(args.count)
+    except ingest.IngestFailure as failure:
+        raise ConfigError(f"populate: {failure.reason}") from None
+    finally:
+        pool.close()
+        if upstream is not None:
+            upstream.shutdown()
+    print(json.dumps({"stored": [json.loads(p) for p in batch.stored],
+                      "duplicates": batch.duplicates,
+                      "rejected": [{"reason": r} for r in batch.rejected]}))
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "source": cmd_source, "init-db": cmd_init_db,
+            "create-user": cmd_create_user, "populate": cmd_populate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; expected failures print one line and return a non-zero status."""
+    args = build_parser().parse_args(argv)
+    args.command = args.command or "serve"
+    for name in ("host", "port", "workers"):
+        setattr(args, name, getattr(args, name, None))
+    from .runtime import StartupError
+    from .store import DatabaseUnavailable
+
+    try:
+        if args.command == "source":
+            logs.configure()
+            return cmd_source(args, None)
+        config = load_config(args)
+        logs.configure(config.log_level, config.log_format)
+        return COMMANDS[args.command](args, config)
+    except (ConfigError, StartupError, DatabaseUnavailable) as error:
+        message = error.detail if isinstance(error, DatabaseUnavailable) else str(error)
+        print(f"dataproc {args.command}: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

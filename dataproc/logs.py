@@ -1,0 +1,45 @@
+"""Log set-up: one line per record, as text or as JSON lines (`DATAPROC_LOG_FORMAT=json`).
+
+Owns: the handler and the formatters. Leaves what is logged to each module; no module logs
+tokens, passwords, bodies or query strings, so nothing here has to scrub them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+# Fields the access log attaches with `extra=`; the JSON formatter copies them when present.
+EXTRA_FIELDS = ("request_id", "method", "route", "status", "duration_ms", "bytes", "client")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the request fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                 + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        for name in EXTRA_FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(level: str = "INFO", fmt: str = "text") -> None:
+    """Send the `dataproc` loggers to stderr at `level`, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s",
+                                      "%Y-%m-%dT%H:%M:%S")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

