@@ -53,10 +53,18 @@ CREATE TABLE IF NOT EXISTS rejects (
   body bytea NOT NULL
 );
 
--- The original's default admin (password 'admin'), only while there is no admin at all: an
--- operator who deleted or renamed it does not get it back. The service warns while the
--- password is unchanged.
+-- One-time steps this schema has taken on this database, so re-applying never repeats them.
+CREATE TABLE IF NOT EXISTS dataproc_state (
+  key text PRIMARY KEY,
+  done_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The original's default admin (password 'admin'), seeded once per database and only when it
+-- has no admin yet (the original's init.sql made one already): an operator who later deletes
+-- or renames it does not get it back. The service warns while the password is unchanged.
+WITH first_time AS (
+  INSERT INTO dataproc_state (key) VALUES ('default_admin') ON CONFLICT DO NOTHING RETURNING key)
 INSERT INTO users (id, username, hashed_password, role)
 SELECT 0, 'admin', '$2b$12$a/pMatsPyWuHa5KdqatsFOLZgPYjPZU4If4//jeretXqZ.ujoYFJG', 'admin'
-WHERE NOT EXISTS (SELECT 1 FROM users WHERE role = 'admin')
+WHERE EXISTS (SELECT 1 FROM first_time) AND NOT EXISTS (SELECT 1 FROM users WHERE role = 'admin')
 ON CONFLICT DO NOTHING;

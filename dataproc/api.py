@@ -22,13 +22,14 @@ from urllib.parse import urlencode
 
 from psycopg_pool import ConnectionPool
 
-from . import auth, ingest, source, store
+from . import auth, ingest, openapi, source, store
 from .config import Config
 from .errors import ApiError, ValidationError, invalid, problem
+from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 from .web import Request, Response, Router, read_body
 
 USERNAME = re.compile(r"[A-Za-z0-9._@-]{3,64}")
-INTEGER = re.compile(r"[+-]?\d{1,19}")
+INTEGER = re.compile(r"[+-]?[0-9]{1,19}")  # not \d: it matches "１" and other non-ASCII digits
 NO_STORE = {"Cache-Control": "no-store"}  # tokens and credentials must not be cached
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_SKIP = 1_000_000_000
@@ -43,6 +44,7 @@ class Context:
     upstream_url: str | None
     clock: Callable[[], float] = time.time
     on_outcome: Callable[[str], None] | None = None
+    metrics: Metrics | None = None  # served at /metrics; None (or DATAPROC_METRICS=false): 404
     throttle: auth.LoginThrottle = field(init=False)
     checker: auth.PasswordChecker = field(init=False)
 
@@ -273,6 +275,36 @@ def readyz(request: Request, ctx: Context) -> Response:
     raise store.DatabaseUnavailable("database unavailable")
 
 
+# The docs page runs only its own inline code and talks only to this origin.
+DOCS_HEADERS = {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache",
+                "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; img-src data:; connect-src 'self'",
+                "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+
+
+def openapi_json(request: Request, ctx: Context) -> Response:
+    """GET /openapi.json: the OpenAPI 3.1 document (bytes built once)."""
+    return Response.raw_json(openapi.document_bytes(), 200, {"Cache-Control": "no-cache"})
+
+
+def docs(request: Request, ctx: Context) -> Response:
+    """GET /docs: the self-contained interactive page."""
+    return Response(200, openapi.docs_html(), dict(DOCS_HEADERS))
+
+
+def root(request: Request, ctx: Context) -> Response:
+    """GET /: a temporary redirect to /docs."""
+    return Response(307, b"", {"Location": "/docs"})
+
+
+def prometheus_metrics(request: Request, ctx: Context) -> Response:
+    """GET /metrics: Prometheus text (format 0.0.4), the pool read at scrape time."""
+    if ctx.metrics is None:
+        raise ApiError(404, "Not Found")
+    text = ctx.metrics.render(store.pool_stats(ctx.pool))
+    return Response(200, text, {"Content-Type": METRICS_TYPE, "Cache-Control": "no-store"})
+
+
 ROUTES: tuple[tuple[str, str, Callable[[Request, Context], Response]], ...] = (
     ("POST", "/auth/signup", signup),
     ("POST", "/auth/login", login),
@@ -282,12 +314,35 @@ ROUTES: tuple[tuple[str, str, Callable[[Request, Context], Response]], ...] = (
     ("POST", "/api/populate", populate),
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
+    ("GET", "/metrics", prometheus_metrics),
+    ("GET", "/openapi.json", openapi_json),
+    ("GET", "/docs", docs),
+    ("GET", "/", root),
 )
+
+
+def _never_cached(handler: Callable[..., Response]) -> Callable[..., Response]:
+    """Every /auth answer, errors too (422, 429, 503), carries `Cache-Control: no-store`."""
+
+    def wrapped(request: Request, ctx: Context) -> Response:
+        try:
+            response = handler(request, ctx)
+        except ApiError as error:
+            error.headers.setdefault("Cache-Control", "no-store")
+            raise
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    return wrapped
 
 
 def build_router(ctx: Context) -> Router:
     """Every route of API.md bound to `ctx`."""
     router = Router()
     for method, path, handler in ROUTES:
+        if handler is prometheus_metrics and (ctx.metrics is None or not ctx.config.metrics_enabled):
+            continue  # switched off: /metrics does not exist (404)
+        if path.startswith("/auth/"):
+            handler = _never_cached(handler)
         router.add(method, path, partial(handler, ctx=ctx))
     return router

@@ -19,14 +19,17 @@ from pathlib import Path
 
 from psycopg_pool import ConnectionPool
 
-from . import api, passwords, store
+from . import __version__, api, ingest, passwords, store
 from .config import Config
+from .metrics import Metrics
+from .poller import Poller
 from .server import HttpServer
 from .web import make_app
 
 log = logging.getLogger("dataproc.runtime")
 
 DEFAULT_ADMIN = ("admin", "admin")
+DEFAULT_ADMIN_HASH = "$2b$12$a/pMatsPyWuHa5KdqatsFOLZgPYjPZU4If4//jeretXqZ.ujoYFJG"  # schema.sql
 
 
 class StartupError(Exception):
@@ -101,9 +104,15 @@ def start_simulated_upstream(host: str = "127.0.0.1"):
     return server, url
 
 
-def create_app(config: Config, pool: ConnectionPool, upstream_url: str | None):
-    """The request handler of the service (`Request -> Response`), for `server` or embedding."""
-    return make_app(api.build_router(api.Context(config, pool, upstream_url)))
+def create_app(config: Config, pool: ConnectionPool, upstream_url: str | None, *,
+               metrics: Metrics | None = None):
+    """The request handler of the service (`Request -> Response`), for `server` or embedding.
+
+    With `metrics`, populate outcomes are counted and served at /metrics; hand
+    `metrics.observe` to the server as its observer so requests are counted too."""
+    on_outcome = metrics.outcome if metrics is not None else None
+    return make_app(api.build_router(api.Context(config, pool, upstream_url, on_outcome=on_outcome,
+                                                 metrics=metrics)))
 
 
 def warn_if_default_admin(pool: ConnectionPool) -> None:
@@ -112,7 +121,12 @@ def warn_if_default_admin(pool: ConnectionPool) -> None:
         user = store.get_user(pool, DEFAULT_ADMIN[0])
     except store.DatabaseUnavailable:
         return
-    if user and user.role == "admin" and passwords.verify_password(DEFAULT_ADMIN[1], user.hashed_password, 4):
+    if not user or user.role != "admin":
+        return
+    # The seeded hash (schema.sql) is the default password without a cost-12 bcrypt check;
+    # any other hash is checked, in case someone set the password back to 'admin'.
+    if user.hashed_password == DEFAULT_ADMIN_HASH or passwords.verify_password(
+            DEFAULT_ADMIN[1], user.hashed_password, 4):
         log.warning("the admin account still has the default password 'admin': change it with "
                     "'python -m dataproc create-user admin --admin'")
 
@@ -120,29 +134,44 @@ def warn_if_default_admin(pool: ConnectionPool) -> None:
 class Service:
     """The whole service in this process: database, upstream, HTTP server. `start`, `stop`."""
 
-    def __init__(self, config: Config, *, sock=None):
+    def __init__(self, config: Config, *, sock=None, database: Database | None = None):
+        # A pre-forked worker passes the listening socket and the database its parent opened
+        # (with `config` as `open_database` resolved it), so nothing is opened twice.
         self.config = config
         self._sock = sock
-        self.database: Database | None = None
+        self.database: Database | None = database
         self.pool: ConnectionPool | None = None
         self.http: HttpServer | None = None
+        self.poller: Poller | None = None
+        self.metrics: Metrics | None = None
         self._upstream = None
         self._thread: threading.Thread | None = None
+        self._admin_check: threading.Thread | None = None
 
     def start(self) -> Service:
         """Open everything and serve in a background thread; returns at once."""
-        self.config, self.database = open_database(self.config)
+        if self.database is None:
+            self.config, self.database = open_database(self.config)
         self.pool = connect(self.config, self.database)
         upstream_url = self.config.upstream_url
         if upstream_url is None and self.database.embedded is not None:
             self._upstream, upstream_url = start_simulated_upstream()
-        app = create_app(self.config, self.pool, upstream_url)
-        self.http = HttpServer(self.config, app, sock=self._sock)
+        self.metrics = Metrics(__version__) if self.config.metrics_enabled else None
+        app = create_app(self.config, self.pool, upstream_url, metrics=self.metrics)
+        self.http = HttpServer(self.config, app, sock=self._sock,
+                               observe=self.metrics.observe if self.metrics else None)
         self._thread = threading.Thread(target=self.http.serve_forever, name="dataproc-http",
                                         kwargs={"poll_interval": 0.2}, daemon=True)
         self._thread.start()
         log.info("dataproc listening on http://%s:%d/", *self.http.server_address[:2])
-        threading.Thread(target=warn_if_default_admin, args=(self.pool,), daemon=True).start()
+        if self.config.poll_interval_s > 0:
+            ingestor = ingest.Ingestor(self.config, self.pool, upstream_url,
+                                       on_outcome=self.metrics.outcome if self.metrics else None)
+            self.poller = Poller(self.config.poll_interval_s, self.database.conninfo, ingestor,
+                                 connect_timeout_s=self.config.db_wait_s).start()
+        self._admin_check = threading.Thread(target=warn_if_default_admin, args=(self.pool,),
+                                             name="dataproc-admin-check", daemon=True)
+        self._admin_check.start()
         return self
 
     @property
@@ -157,6 +186,12 @@ class Service:
         if self.http is not None:
             finished = self.http.drain(self.config.shutdown_grace_s if grace_s is None else grace_s)
             self._thread.join(timeout=5)
+        if self.poller is not None:
+            self.poller.stop()
+        if self._admin_check is not None:
+            # A daemon thread still inside bcrypt (Rust) when the interpreter exits aborts the
+            # process ("FATAL: exception not rethrown", SIGABRT): let the check finish first.
+            self._admin_check.join(timeout=10)
         if self._upstream is not None:
             self._upstream.shutdown()
             self._upstream.server_close()

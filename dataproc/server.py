@@ -44,10 +44,14 @@ log = logging.getLogger("dataproc.server")
 access_log = logging.getLogger("dataproc.access")
 
 SERVER_NAME = "dataproc"
+LINGER_S = 1.0  # at most this long (and LINGER_MAX_BYTES) reading a refused request's rest
+LINGER_MAX_BYTES = 1 << 20
 Observer = Callable[[Request, Response, float], None]
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 tchar
-_REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/(\d)\.(\d)")
+# The target is visible ASCII only (RFC 9112 §3.2): a raw byte >= 0x80 would otherwise be
+# read as Latin-1 and reach the app as a different character than the client meant.
+_REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/(\d)\.(\d)")
 _BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -77,6 +81,12 @@ class Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.config.socket_timeout_s  # sharp edge 7
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # sharp edge 17
+        self._linger = False
+
+    def finish(self) -> None:
+        super().finish()
+        if self._linger:
+            _linger(self.connection, min(LINGER_S, self.server.config.socket_timeout_s))
 
     def handle(self) -> None:
         self.close_connection = True
@@ -227,8 +237,10 @@ class Handler(BaseHTTPRequestHandler):
     # --- writing ---------------------------------------------------------------------------
 
     def _write(self, request: Request, response: Response) -> None:
-        if response.close:
+        if response.close or self.server.draining:  # say so when the server will close
             self.close_connection = True
+        if response.close:  # refused mid-request: the client may still be sending
+            self._linger = True
         head_only = request.method == "HEAD"  # sharp edge 4: GET's headers, no body
         data = self._render(response, request.request_id) + (b"" if head_only else response.body)
         self.wfile.write(data)  # sharp edge 17: one write (wfile is unbuffered: one sendall)
@@ -414,17 +426,36 @@ class HttpServer(ThreadingHTTPServer):
         """Stop accepting, close idle connections, wait up to `grace_s` for busy ones."""
         self.draining = True
         self.shutdown()  # returns once serve_forever has left its loop (call from another thread)
+        # Close the listening socket now, not after the wait: a new connection is refused at
+        # once (a load balancer moves on) instead of sitting unanswered in the backlog.
+        self.server_close()
         with self._lock:
             idle = [sock for sock, busy in self._connections.items() if not busy]
         for sock in idle:
             _shut(sock)
-        finished = self._idle_event.wait(grace_s) if self._busy_count() else True
-        self.server_close()
-        return finished
+        return self._idle_event.wait(grace_s) if self._busy_count() else True
 
     def _busy_count(self) -> int:
         with self._lock:
             return sum(self._connections.values())
+
+
+def _linger(sock: socket.socket, limit_s: float) -> None:
+    """Lingering close (RFC 9112 §9.6): after an early answer (413, 414, 431, 400...), stop
+    writing and read what the client is still sending, within bounds, before closing. Closing
+    with unread input makes the kernel send a reset, which can destroy the answer before the
+    client reads it: the client would see a dropped connection instead of the 413."""
+    deadline, drained = time.monotonic() + limit_s, 0
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while drained < LINGER_MAX_BYTES and (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            drained += len(chunk)
+    except OSError:
+        pass
 
 
 def _shut(sock: socket.socket) -> None:

@@ -595,15 +595,20 @@ class _HTTPHandler(urllib.request.HTTPHandler):
         return self.do_open(factory, req)
 
 
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    """Verifies certificates and host names; built once (loading the CA store takes ~20 ms)."""
+    return ssl.create_default_context()
+
+
 class _HTTPSHandler(urllib.request.HTTPSHandler):
     def __init__(self, deadline: _Deadline) -> None:
-        self._tls = ssl.create_default_context()  # verifies certificates and host names
-        super().__init__(context=self._tls)
+        super().__init__(context=_tls_context())
         self._deadline = deadline
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         factory = functools.partial(_DeadlineHTTPSConnection, deadline=self._deadline)
-        return self.do_open(factory, req, context=self._tls)
+        return self.do_open(factory, req, context=_tls_context())
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):

@@ -65,19 +65,58 @@ class Page:
 
 def make_pool(conninfo: str, *, max_size: int, wait_s: float, name: str = "dataproc") -> ConnectionPool:
     """A closed pool: open it with `open_pool`, close it on shutdown."""
-    return ConnectionPool(
+    # reconnect_timeout=0: a failed background connect gives up at once instead of backing
+    # off for minutes while blocking growth; a waiting request asks for a new one instead.
+    pool = ConnectionPool(
         conninfo, min_size=min(2, max_size), max_size=max_size, open=False, timeout=wait_s,
-        name=name, check=ConnectionPool.check_connection, reconnect_timeout=0,
+        name=name, check=lambda conn: _check_or_sweep(pool, conn), reconnect_timeout=0,
         kwargs={"autocommit": True, "connect_timeout": max(2, int(wait_s))})
+    return pool
+
+
+def _check_or_sweep(pool: ConnectionPool, conn: psycopg.Connection) -> None:
+    """The pool's check; when a connection is dead, test the others at once (`pool.check`).
+
+    After a database restart every pooled connection is dead, and psycopg_pool sleeps about
+    a second between two failed checks of one request: without the sweep, the first request
+    after a quiet restart can spend its whole wait meeting dead connections one by one.
+    """
+    try:
+        ConnectionPool.check_connection(conn)
+    except Exception:
+        pool.check()
+        raise
+
+
+class _HeldConnectWarnings(logging.Filter):
+    """Holds back psycopg_pool's warnings while a pool opens: a failed start is then one line
+    (the command line's contract), with the last connection error as its reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_error = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING:
+            return True
+        message = record.getMessage().splitlines()[0] if record.getMessage() else ""
+        if message.startswith("error connecting"):
+            self.last_error = message.split("': ", 1)[-1]
+        return False
 
 
 def open_pool(pool: ConnectionPool, wait_s: float) -> None:
     """Open the pool and wait for a first connection, or raise `DatabaseUnavailable`."""
+    held, pool_log = _HeldConnectWarnings(), logging.getLogger("psycopg.pool")
+    pool_log.addFilter(held)
     try:
         pool.open(wait=True, timeout=wait_s)
     except PoolTimeout:
         pool.close()
-        raise DatabaseUnavailable(f"cannot connect to the database within {wait_s:g} s") from None
+        reason = f" ({held.last_error})" if held.last_error else ""
+        raise DatabaseUnavailable(f"cannot connect to the database within {wait_s:g} s{reason}") from None
+    finally:
+        pool_log.removeFilter(held)
 
 
 @contextmanager
@@ -137,6 +176,8 @@ SELECT_ROLE = "SELECT role FROM users WHERE username = %s"
 
 def get_user(pool: ConnectionPool, username: str) -> User | None:
     """The user of that name, or None."""
+    if "\x00" in username:  # PostgreSQL text cannot hold NUL: no such user (not a DataError)
+        return None
     with connection(pool) as conn:
         row = conn.execute(SELECT_USER, (username,)).fetchone()
     return User(*row) if row else None
@@ -144,6 +185,8 @@ def get_user(pool: ConnectionPool, username: str) -> User | None:
 
 def user_role(pool: ConnectionPool, username: str) -> str | None:
     """The role of an existing user, or None when the user does not exist (any more)."""
+    if "\x00" in username:  # PostgreSQL text cannot hold NUL: no such user
+        return None
     with connection(pool) as conn:
         row = conn.execute(SELECT_ROLE, (username,)).fetchone()
     return row[0] if row else None

@@ -57,7 +57,8 @@ def pool(database_url):
 def clean_db(pool):
     """Empty tables and the schema re-applied (the default admin back), before the test."""
     with store.connection(pool) as conn:
-        conn.execute("TRUNCATE data_points, rejects, users RESTART IDENTITY")
+        # dataproc_state too: it records that the default admin was seeded, once per database.
+        conn.execute("TRUNCATE data_points, rejects, users, dataproc_state RESTART IDENTITY")
     store.apply_schema(pool)
     return pool
 
