@@ -8,12 +8,10 @@ SQL statement to `store`.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from psycopg_pool import ConnectionPool
@@ -145,22 +143,12 @@ class LoginThrottle:
         return [t for t in self._failures.get(key, ()) if t > now - self.window_s]
 
 
-LOGIN_NICE = 10  # bcrypt threads' niceness: under a login flood, reads keep their CPU
-
-
 class PasswordChecker:
-    """bcrypt checks, at most `concurrency` at once, so logins cannot take every core.
-
-    The hashing runs on its own threads at a lower CPU priority (`LOGIN_NICE`; per-thread on
-    Linux): when logins and other requests compete for the cores, the other requests win,
-    so a login flood slows logins rather than everything else.
-    """
+    """bcrypt checks, at most `concurrency` at once, so logins cannot take every core."""
 
     def __init__(self, config: Config):
         self._cost, self._wait_s = config.bcrypt_cost, config.login_wait_s
         self._slots = threading.BoundedSemaphore(config.login_concurrency)
-        self._workers = ThreadPoolExecutor(config.login_concurrency, "dataproc-bcrypt",
-                                           initializer=_lower_priority)
 
     def verify(self, password: str, hashed: str | None) -> bool:
         """bcrypt (or the dummy hash for an unknown user, same time) inside a slot."""
@@ -174,17 +162,9 @@ class PasswordChecker:
         if not self._slots.acquire(timeout=self._wait_s):
             raise retry_later(503, "too many logins in progress, retry shortly", 1)
         try:
-            return self._workers.submit(function, *args).result()
+            return function(*args)
         finally:
             self._slots.release()
-
-
-def _lower_priority() -> None:
-    """Lower the calling thread's CPU priority (Linux threads each have their own nice value)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOGIN_NICE)
-    except (AttributeError, OSError):
-        pass  # elsewhere the slots alone bound the hashing
 
 
 def require_admin(caller: Caller) -> None:

@@ -234,12 +234,24 @@ def _database_url(values: Mapping[str, str]) -> str | None:
         given = ", ".join(name for name, value in parts.items() if value)
         raise ConfigError(f"POSTGRES_SERVER: required when {given} is set "
                           "(or set DATABASE_URL)")
-    host, _, port = parts["POSTGRES_SERVER"].strip().rpartition(":")
-    if not host or not port.isdigit():
-        host, port = parts["POSTGRES_SERVER"].strip(), ""
+    host, port = _split_host_port(parts["POSTGRES_SERVER"].strip())
     conninfo = {"host": host, "port": port, "user": parts["POSTGRES_USER"],
                 "password": parts["POSTGRES_PASSWORD"], "dbname": parts["POSTGRES_DB_NAME"]}
     return " ".join(f"{key}={_conninfo_quote(value)}" for key, value in conninfo.items() if value)
+
+
+def _split_host_port(server: str) -> tuple[str, str]:
+    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address (whose colons are no port)."""
+    if server.startswith("["):
+        host, _, rest = server[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        if not host or rest not in ("", f":{port}") or (port and not port.isdigit()):
+            raise ConfigError(f"POSTGRES_SERVER: expected host, host:port or [v6]:port, got {server!r}")
+        return host, port
+    host, sep, port = server.rpartition(":")
+    if not sep or ":" in host or not port.isdigit():
+        return server, ""
+    return host, port
 
 
 def _conninfo_quote(value: str) -> str:
@@ -256,8 +268,8 @@ def _upstream_url(values: Mapping[str, str]) -> str | None:
         return None
     url = url.strip()
     if "://" not in url:
-        if port and not port.strip().isdigit():
-            raise ConfigError(f"SERVER_PORT: expected a port number, got {port!r}")
+        if port:
+            _parse("SERVER_PORT", port, _int_in(1, 65535))
         url = f"http://{url.rstrip('/')}" + (f":{port.strip()}" if port else "") + "/"
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
@@ -289,8 +301,12 @@ def read_dotenv(path: str) -> dict[str, str]:
         if not match:
             raise ConfigError(f"{path}:{number}: expected KEY=VALUE")
         key, value = match.groups()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+        if value[:1] in ("'", '"'):  # a quoted value, then nothing or a comment
+            closing = value.find(value[0], 1)
+            rest = value[closing + 1:].strip() if closing > 0 else "unterminated"
+            if rest and not rest.startswith("#"):
+                raise ConfigError(f"{path}:{number}: {key}: unterminated quote or text after it")
+            value = value[1:closing]
         elif " #" in value:
             value = value.split(" #", 1)[0].rstrip()
         values[key] = value

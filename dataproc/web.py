@@ -143,19 +143,38 @@ def loads_strict(text: bytes | str) -> Any:
     """json.loads that refuses NaN/Infinity, duplicate keys and deep nesting (ValueError)."""
     if isinstance(text, bytes):
         text = text.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    depth = 0
-    for char in text:  # cheap pre-scan: json's recursion would otherwise be the limit
-        if char in "[{":
+    _check_depth(text)
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except RecursionError:  # a last net; _check_depth should have refused it already
+        raise ValueError("JSON nested too deeply") from None
+    # "\ud800" is valid JSON but a lone surrogate is not text: refuse it here (a ValueError)
+    # rather than let `.encode()` fail deep in a handler as a 500.
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+    return value
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting over MAX_JSON_DEPTH before json's recursion meets it (a RecursionError,
+    not a ValueError). Brackets inside strings do not count, so they neither refuse a valid
+    body nor hide real nesting."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
             depth += 1
             if depth > MAX_JSON_DEPTH:
                 raise ValueError("JSON nested too deeply")
         elif char in "]}":
             depth -= 1
-    value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
-    # "\ud800" is valid JSON but a lone surrogate is not text: refuse it here (a ValueError)
-    # rather than let `.encode()` fail deep in a handler as a 500.
-    json.dumps(value, ensure_ascii=False).encode("utf-8")
-    return value
 
 
 def read_body(request: Request, *, max_fields: int) -> dict[str, Any]:

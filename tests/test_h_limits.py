@@ -165,13 +165,13 @@ def test_api_data_keeps_answering_during_a_login_flood_at_bcrypt_cost_10(service
     token = login(Client(service.url), "reader", "reader-password")["access_token"]
 
     _read_latencies(service, token, 50)  # warm up connections and plans
-    idle = _read_latencies(service, token, 300)
-
-    stop, outcomes = threading.Event(), []
+    flooding, stop, outcomes = threading.Event(), threading.Event(), []
 
     def flood() -> None:
         client = Client(service.url)
         while not stop.is_set():
+            if not flooding.wait(0.05):
+                continue
             reply = client.post("/auth/login", form={"username": "flooder", "password": "flood-password"})
             outcomes.append(reply.status)
         client.close()
@@ -179,9 +179,17 @@ def test_api_data_keeps_answering_during_a_login_flood_at_bcrypt_cost_10(service
     flooders = [threading.Thread(target=flood) for _ in range(8)]
     for thread in flooders:
         thread.start()
+    idle: list[float] = []
+    busy: list[float] = []
     try:
-        time.sleep(0.3)
-        busy = _read_latencies(service, token, 300)
+        # Interleaved rounds, so that load from outside the test drifts into both sides alike.
+        for _ in range(3):
+            flooding.clear()
+            time.sleep(0.2)  # the logins in flight finish
+            idle += _read_latencies(service, token, 100)
+            flooding.set()
+            time.sleep(0.2)  # the flood is under way
+            busy += _read_latencies(service, token, 100)
     finally:
         stop.set()
         for thread in flooders:
@@ -190,9 +198,10 @@ def test_api_data_keeps_answering_during_a_login_flood_at_bcrypt_cost_10(service
     print(f"\nlogin flood: /api/data p99 idle {_p99(idle) * 1000:.2f} ms, during flood "
           f"{_p99(busy) * 1000:.2f} ms, ratio {ratio:.2f}; logins answered: "
           f"{ {s: outcomes.count(s) for s in sorted(set(outcomes))} }")
-    assert outcomes.count(200) >= 3  # the flood really ran bcrypt
+    assert outcomes.count(200) >= 10  # the flood really ran bcrypt
     assert set(outcomes) <= {200, 503}  # 503 + Retry-After when no hashing slot frees in time
-    assert ratio <= 5.0
+    # Loose on purpose (a shared 2-core CI box): within 5x of idle, or under 10 ms anyway.
+    assert ratio <= 5.0 or _p99(busy) < 0.010
 
 
 def test_repeated_failed_logins_get_429_with_retry_after_per_username(service, clean_db):

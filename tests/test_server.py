@@ -19,7 +19,6 @@ import types
 
 import pytest
 
-from dataproc import server as server_module
 from dataproc.config import Config
 from dataproc.errors import ApiError
 from dataproc.server import Handler, HttpServer
@@ -153,6 +152,7 @@ def server(start) -> RecordingServer:
 
 class Answer:
     def __init__(self, status_line: str, headers: list[tuple[str, str]], body: bytes):
+        assert re.fullmatch(r"HTTP/1\.1 \d{3} [^\r\n]+", status_line), status_line
         self.status_line, self.headers, self.body = status_line, headers, body
         self.status = int(status_line.split(" ")[1])
 
