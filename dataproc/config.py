@@ -246,7 +246,8 @@ def _split_host_port(server: str) -> tuple[str, str]:
         host, _, rest = server[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
         if not host or rest not in ("", f":{port}") or (port and not port.isdigit()):
-            raise ConfigError(f"POSTGRES_SERVER: expected host, host:port or [v6]:port, got {server!r}")
+            raise ConfigError("POSTGRES_SERVER: expected host, host:port or [v6]:port, "
+                              f"got {server!r}")
         return host, port
     host, sep, port = server.rpartition(":")
     if not sep or ":" in host or not port.isdigit():

@@ -186,7 +186,8 @@ def test_an_unauthorized_error_carries_the_bearer_challenge():
     assert rejected.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
 
 
-@pytest.mark.parametrize("seconds, header", [(0, "1"), (0.2, "1"), (1.0, "1"), (1.01, "2"), (59.5, "60")])
+@pytest.mark.parametrize("seconds, header",
+                         [(0, "1"), (0.2, "1"), (1.0, "1"), (1.01, "2"), (59.5, "60")])
 def test_retry_after_is_whole_seconds_rounded_up_and_at_least_one(seconds, header):
     response = error_response(retry_later(429, "too many attempts", seconds))
     assert response.status == 429 and response.headers["Retry-After"] == header
@@ -208,7 +209,8 @@ def test_a_missing_header_is_none():
 
 
 def test_a_duplicated_header_is_a_400():
-    error = status_of(lambda: request(authorization=["Bearer a", "Bearer b"]).header("authorization"))
+    req = request(authorization=["Bearer a", "Bearer b"])
+    error = status_of(lambda: req.header("authorization"))
     assert (error.status, error.detail) == (400, "duplicate authorization header")
 
 
@@ -279,7 +281,8 @@ def test_a_json_body_that_is_not_an_object_is_422(body):
 
 
 def test_a_json_body_with_a_duplicate_key_is_422():
-    req = request("POST", body=b'{"role": "user", "role": "admin"}', content_type="application/json")
+    req = request("POST", body=b'{"role": "user", "role": "admin"}',
+                  content_type="application/json")
     problem = only_problem(body_error(req))
     assert "duplicate key" in problem["msg"]
 
@@ -302,7 +305,8 @@ def test_invalid_utf8_in_a_json_body_is_422():
 
 
 def test_a_form_field_given_twice_is_422_naming_the_field():
-    req = request("POST", body=b"username=a&username=b", content_type="application/x-www-form-urlencoded")
+    req = request("POST", body=b"username=a&username=b",
+                  content_type="application/x-www-form-urlencoded")
     assert only_problem(body_error(req))["loc"] == ["body", "username"]
 
 
