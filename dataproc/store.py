@@ -238,12 +238,12 @@ SELECT_PAGE = f"""
 WITH viewer AS (SELECT role FROM users WHERE username = %(viewer)s),
 page AS (
   (SELECT id, time, value, valid, tags FROM data_points
-   WHERE time >= %(start)s AND time <= %(end)s AND (time, id) > (%(after_time)s, %(after_id)s)
+   WHERE (time, id) >= (%(from_time)s, %(from_id)s) AND time <= %(end)s
      AND valid AND (SELECT role FROM viewer) <> 'admin'
    ORDER BY time, id OFFSET %(skip)s LIMIT %(limit)s)
   UNION ALL
   (SELECT id, time, value, valid, tags FROM data_points
-   WHERE time >= %(start)s AND time <= %(end)s AND (time, id) > (%(after_time)s, %(after_id)s)
+   WHERE (time, id) >= (%(from_time)s, %(from_id)s) AND time <= %(end)s
      AND (SELECT role FROM viewer) = 'admin'
    ORDER BY time, id OFFSET %(skip)s LIMIT %(limit)s))
 SELECT (SELECT role FROM viewer),
@@ -274,17 +274,26 @@ def insert_reject(pool: ConnectionPool, reason: str, body: bytes) -> None:
 
 NO_LOWER_BOUND = datetime.fromisoformat("0001-01-01T00:00:00+00:00")
 NO_UPPER_BOUND = datetime.fromisoformat("9999-12-31T23:59:59.999999+00:00")
+MIN_ID = -(2**31)  # data_points.id is an integer (serial)
 
 
-def list_points(pool: ConnectionPool, *, viewer: str, start: datetime | None = None,
-                end: datetime | None = None, after: tuple[datetime, int] | None = None,
-                skip: int = 0, limit: int = 100) -> Page | None:
-    """One page ordered by (time, id) as `viewer` may see it (admins: every point; others:
-    valid ones): inclusive bounds, after a keyset cursor, then skip. None: no such viewer."""
-    after_time, after_id = after or (NO_LOWER_BOUND, -1)
-    params = {"viewer": viewer, "start": start or NO_LOWER_BOUND, "end": end or NO_UPPER_BOUND,
-              "after_time": after_time, "after_id": after_id, "skip": skip, "limit": limit}
-    role, body, count, last_time, last_id = read_one(pool, SELECT_PAGE, params)
+def page_params(*, viewer: str, start: datetime | None = None, end: datetime | None = None,
+                after: tuple[datetime, int] | None = None, skip: int = 0, limit: int = 100) -> dict:
+    """The parameters of `SELECT_PAGE`: inclusive bounds, after a keyset cursor, then skip."""
+    # `start` and the cursor become ONE lower bound on (time, id): given two (`time >= start`
+    # and a row comparison), the b-tree may start its scan at the looser one and walk past
+    # every row before `start` (20 ms at a million rows instead of 0.05 ms).
+    lower = (start or NO_LOWER_BOUND, MIN_ID)
+    if after is not None:
+        lower = max(lower, (after[0], after[1] + 1))  # (time, id) > (t, i)  <=>  >= (t, i + 1)
+    return {"viewer": viewer, "from_time": lower[0], "from_id": lower[1],
+            "end": end or NO_UPPER_BOUND, "skip": skip, "limit": limit}
+
+
+def list_points(pool: ConnectionPool, **query) -> Page | None:
+    """One page ordered by (time, id) as `query["viewer"]` may see it (admins: every point;
+    others: valid ones), with `page_params`' filters. None: no such viewer."""
+    role, body, count, last_time, last_id = read_one(pool, SELECT_PAGE, page_params(**query))
     if role is None:
         return None
     return Page(body.encode(), count, (last_time, last_id) if count else None, role)

@@ -219,8 +219,7 @@ def explain(bench: Bench, sql: str, params: dict) -> str:
 
 def psycopg_ceiling(bench: Bench, connections: int, seconds: float) -> dict:
     """The first-page SQL straight through psycopg, `connections` threads, one process."""
-    params = {"viewer": "bench-admin", "start": store.NO_LOWER_BOUND, "end": store.NO_UPPER_BOUND,
-              "after_time": store.NO_LOWER_BOUND, "after_id": -1, "skip": 0, "limit": 100}
+    params = store.page_params(viewer="bench-admin")
     latencies: list[float] = []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
@@ -361,14 +360,12 @@ def login_flood(base: str, token: str, seconds: float, login_lua: str, log) -> d
 
 def plans(bench: Bench, deep: int) -> dict:
     """EXPLAIN ANALYZE of the page query: first page, deep cursor, one-hour window, as a user."""
-    after_time, after_id = api.decode_cursor(page_cursor(bench, deep))
-    base = {"viewer": "bench-admin", "start": store.NO_LOWER_BOUND, "end": store.NO_UPPER_BOUND,
-            "after_time": store.NO_LOWER_BOUND, "after_id": -1, "skip": 0, "limit": 100}
     start, end = window_bounds(bench)
-    cases = {"first_page": base, "deep_after_cursor": {**base, "after_time": after_time, "after_id": after_id},
-             "deep_skip": {**base, "skip": deep}, "window_1h": {**base, "start": start, "end": end},
-             "user_first_page": {**base, "viewer": "bench-user"}}
-    return {name: explain(bench, store.SELECT_PAGE, params) for name, params in cases.items()}
+    cases = {"first_page": {}, "deep_after_cursor": {"after": api.decode_cursor(page_cursor(bench, deep))},
+             "deep_skip": {"skip": deep}, "window_1h": {"start": start, "end": end},
+             "user_first_page": {"viewer": "bench-user"}}
+    return {name: explain(bench, store.SELECT_PAGE, store.page_params(**{"viewer": "bench-admin", **query}))
+            for name, query in cases.items()}
 
 
 def print_table(results: list[dict]) -> None:

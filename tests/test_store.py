@@ -283,9 +283,8 @@ def many_points(clean_db):
 
 def executed_scans(pool, viewer: str, **overrides) -> list[str]:
     """The scan lines of the page query's plan that actually ran (EXPLAIN ANALYZE)."""
-    params = {"viewer": viewer, "start": T0 + timedelta(hours=1), "end": T0 + timedelta(hours=2),
-              "after_time": store.NO_LOWER_BOUND, "after_id": -1, "skip": 0, "limit": 100}
-    params.update(overrides)
+    query = {"viewer": viewer, "start": T0 + timedelta(hours=1), "end": T0 + timedelta(hours=2)}
+    params = store.page_params(**{**query, **overrides})
     with store.connection(pool) as conn:
         plan = [row[0] for row in conn.execute(
             "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) " + store.SELECT_PAGE, params)]
@@ -304,6 +303,17 @@ def test_the_user_page_query_uses_the_partial_index_of_valid_rows(many_points):
 
 
 def test_a_deep_keyset_page_uses_an_index(many_points):
-    scans = executed_scans(many_points, "admin", start=store.NO_LOWER_BOUND, end=store.NO_UPPER_BOUND,
-                           after_time=T0 + timedelta(hours=20), after_id=4000)
+    scans = executed_scans(many_points, "admin", start=None, end=None,
+                           after=(T0 + timedelta(hours=20), 4000))
     assert len(scans) == 1 and "Index Scan" in scans[0], scans
+
+
+def test_a_time_window_starts_its_index_scan_at_the_window(many_points):
+    """One lower bound on (time, id): the scan reads the page's rows, not every earlier row."""
+    with store.connection(many_points) as conn:
+        plan = [row[0] for row in conn.execute(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF, BUFFERS ON) " + store.SELECT_PAGE,
+            store.page_params(viewer="admin", start=T0 + timedelta(hours=20), limit=10))]
+    scan = next(i for i, line in enumerate(plan) if "Index Scan using data_points_time_id_idx" in line)
+    buffers = next(line for line in plan[scan:] if "Buffers:" in line)
+    assert int(buffers.split("hit=")[1].split()[0]) < 10, plan
