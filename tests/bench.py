@@ -60,6 +60,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_seconds_by_program() -> dict[str, float]:
+    """CPU seconds used so far by every process on the machine, summed by program name."""
+    totals: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return totals
+
+
+def cores_used(run) -> tuple[object, dict[str, float]]:
+    """Run `run()`, and how many cores each program (python, postgres, wrk) used meanwhile."""
+    before, started = cpu_seconds_by_program(), time.perf_counter()
+    result = run()
+    after, elapsed = cpu_seconds_by_program(), time.perf_counter() - started
+    used = {name: round((after[name] - before.get(name, 0.0)) / elapsed, 2)
+            for name in ("python", "postgres", "wrk") if name in after}
+    return result, used
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -307,6 +331,10 @@ def run_dataset(rows: int, seconds: float, workdir: Path, log) -> dict:
             for connections in CONNECTIONS:
                 scenarios[f"{name}@{connections}"] = wrk(url, connections, seconds, token=token)
                 log(name, connections, scenarios[f"{name}@{connections}"])
+        # Where the cores go at the headline figure (wrk's own share is lost: it has exited).
+        _, result["cores_used_data_admin@16"] = cores_used(
+            lambda: wrk(urls["data_admin"][0], 16, seconds, token=admin))
+        log("cores used by program, data_admin", 16, result["cores_used_data_admin@16"])
         before = count_rows(bench)
         for connections in CONNECTIONS:
             key = f"populate@{connections}"
@@ -319,6 +347,7 @@ def run_dataset(rows: int, seconds: float, workdir: Path, log) -> dict:
             scenarios[key] = wrk(f"{base}/auth/login", connections, seconds, lua=login_lua)
             log("login", connections, scenarios[key])
         result["rss_after_load_mb"] = round(rss_mb(process.pid), 1)
+        time.sleep(6)  # logins still queued for a bcrypt slot give up within DATAPROC_LOGIN_WAIT_S
         result["data_p99_during_login_flood"] = login_flood(base, admin, seconds, login_lua, log)
         result["scenarios"] = scenarios
         process.terminate()
@@ -380,6 +409,7 @@ def print_table(results: list[dict]) -> None:
             print(f"{name:32} {figures['rps']:9.0f} {figures['p50_ms']:8.2f} {figures['p99_ms']:8.2f} "
                   f"{figures['errors']:7d}")
         flood = result["data_p99_during_login_flood"]
+        print(f"cores used at data_admin@16: {result['cores_used_data_admin@16']}")
         print(f"data p99 idle {flood['idle']['p99_ms']:.2f} ms, during login flood "
               f"{flood['during_flood']['p99_ms']:.2f} ms, ratio {flood['p99_ratio']:.2f}")
         data16 = result["scenarios"]["data_admin@16"]["rps"]
