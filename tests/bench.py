@@ -288,6 +288,8 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
+    def handle_error(self, request, client_address):
+        pass  # wrk closes its connections mid-request at the end of a run
 Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 '''
 
