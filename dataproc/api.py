@@ -24,13 +24,12 @@ from psycopg_pool import ConnectionPool
 
 from . import auth, ingest, openapi, source, store
 from .config import Config
-from .errors import ApiError, ValidationError, invalid, problem
+from .errors import ApiError, ValidationError, problem
 from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 from .web import Request, Response, Router, read_body
 
 USERNAME = re.compile(r"[A-Za-z0-9._@-]{3,64}")
 INTEGER = re.compile(r"[+-]?[0-9]{1,19}")  # not \d: it matches "１" and other non-ASCII digits
-NO_STORE = {"Cache-Control": "no-store"}  # tokens and credentials must not be cached
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_SKIP = 1_000_000_000
 
@@ -95,8 +94,8 @@ def signup(request: Request, ctx: Context) -> Response:
     if store.get_user(ctx.pool, username) is None:  # spare a bcrypt hash for a taken name
         hashed = ctx.checker.hash(values["password"])
         if store.create_user(ctx.pool, username, hashed, "user"):
-            return Response.json({"username": username, "role": "user"}, 201, NO_STORE)
-    raise ApiError(409, "username already taken", NO_STORE)
+            return Response.json({"username": username, "role": "user"}, 201)
+    raise ApiError(409, "username already taken")
 
 
 def login(request: Request, ctx: Context) -> Response:
@@ -109,9 +108,9 @@ def login(request: Request, ctx: Context) -> Response:
     user = store.get_user(ctx.pool, username) if len(username) <= 256 else None
     if not ctx.checker.verify(values["password"], user.hashed_password if user else None):
         ctx.throttle.failed(username, request.client, now)
-        raise ApiError(400, "Incorrect username or password", NO_STORE)
+        raise ApiError(400, "Incorrect username or password")
     ctx.throttle.succeeded(username)
-    return Response.json(auth.issue_tokens(ctx.config, user.username, user.role, now), 200, NO_STORE)
+    return Response.json(auth.issue_tokens(ctx.config, user.username, user.role, now))
 
 
 def refresh(request: Request, ctx: Context) -> Response:
@@ -121,7 +120,7 @@ def refresh(request: Request, ctx: Context) -> Response:
         raise ValidationError(problems)
     now = ctx.clock()
     caller = auth.verify_token(ctx.config, ctx.pool, values["refresh_token"], auth.REFRESH, now)
-    return Response.json(auth.issue_tokens(ctx.config, caller.username, caller.role, now), 200, NO_STORE)
+    return Response.json(auth.issue_tokens(ctx.config, caller.username, caller.role, now))
 
 
 # --- /api/data ------------------------------------------------------------------------------
@@ -325,7 +324,8 @@ ROUTES: tuple[tuple[str, str, Callable[[Request, Context], Response]], ...] = (
 
 
 def _never_cached(handler: Callable[..., Response]) -> Callable[..., Response]:
-    """Every /auth answer, errors too (422, 429, 503), carries `Cache-Control: no-store`."""
+    """Every /auth answer, errors too (422, 429, 503), carries `Cache-Control: no-store`:
+    tokens and credentials must not be cached."""
 
     def wrapped(request: Request, ctx: Context) -> Response:
         try:
