@@ -20,13 +20,9 @@ import time
 import psycopg
 
 from .ingest import IngestFailure, Ingestor
+from .store import POLLER_LOCK_KEY, STILL_HERE, TRY_POLLER_LOCK
 
 log = logging.getLogger("dataproc.poller")
-
-# Any constant shared by every replica; distinct from the schema lock in schema.sql.
-POLLER_LOCK_KEY = 7261657272
-TRY_LOCK = "SELECT pg_try_advisory_lock(%s)"
-STILL_HERE = "SELECT 1"
 
 
 class Poller:
@@ -96,7 +92,7 @@ class Poller:
             if self._leader:
                 conn.execute(STILL_HERE)  # the lock lives exactly as long as this session
                 return True
-            self._leader = bool(conn.execute(TRY_LOCK, (POLLER_LOCK_KEY,)).fetchone()[0])
+            self._leader = bool(conn.execute(TRY_POLLER_LOCK, (POLLER_LOCK_KEY,)).fetchone()[0])
         except psycopg.Error as error:
             log.warning("poller lock connection failed (%s)%s", _first_line(error),
                         "; another replica may take over" if self._leader else "")

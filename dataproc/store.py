@@ -170,6 +170,13 @@ def pool_stats(pool: ConnectionPool) -> dict[str, int]:
             "waiting": stats.get("requests_waiting", 0)}
 
 
+# --- the poller's lock (taken on a session of the poller's own, never a pooled one) ---------
+
+POLLER_LOCK_KEY = 7261657272  # any constant shared by every replica; not the schema's lock
+TRY_POLLER_LOCK = "SELECT pg_try_advisory_lock(%s)"
+STILL_HERE = "SELECT 1"
+
+
 # --- users ----------------------------------------------------------------------------------
 
 SELECT_USER = "SELECT id, username, hashed_password, role FROM users WHERE username = %s"
