@@ -93,7 +93,7 @@ def cmd_init_db(args: argparse.Namespace, config: Config) -> int:
     """Apply schema.sql."""
     from . import runtime
 
-    config, database = runtime.open_database(config)
+    config, database = runtime.open_database(config, serving=False)
     runtime.connect(config, database, max_size=1).close()
     print("schema applied")
     return 0
@@ -119,7 +119,7 @@ def cmd_create_user(args: argparse.Namespace, config: Config) -> int:
     size = len(password.encode())
     if not config.password_min_bytes <= size <= passwords.MAX_PASSWORD_BYTES:
         raise ConfigError(f"password: must be {config.password_min_bytes} to 72 bytes of UTF-8")
-    config, database = runtime.open_database(config)
+    config, database = runtime.open_database(config, serving=False)
     pool = runtime.connect(config, database, max_size=1)
     try:
         role = "admin" if args.admin else "user"
@@ -136,7 +136,7 @@ def cmd_populate(args: argparse.Namespace, config: Config) -> int:
 
     if not 1 <= args.count <= 100:
         raise ConfigError(f"--count: must be between 1 and 100, got {args.count}")
-    config, database = runtime.open_database(config)
+    config, database = runtime.open_database(config, serving=False)
     pool = runtime.connect(config, database, max_size=1)
     upstream, url = None, config.upstream_url
     if url is None and database.embedded is not None:

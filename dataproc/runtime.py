@@ -45,10 +45,11 @@ class Database:
     embedded: object | None = None
 
 
-def open_database(config: Config) -> tuple[Config, Database]:
-    """The configured database, or an embedded one (with its keys) for zero configuration."""
+def open_database(config: Config, *, serving: bool = True) -> tuple[Config, Database]:
+    """The configured database, or an embedded one (with its keys) for zero configuration.
+    `serving=False` (init-db, create-user, populate): no signing keys are needed."""
     if not config.embedded_database:
-        if not (config.jwt_secret_key and config.jwt_refresh_secret_key):
+        if serving and not (config.jwt_secret_key and config.jwt_refresh_secret_key):
             raise StartupError("a database is configured but JWT_SECRET_KEY and "
                                "JWT_REFRESH_SECRET_KEY are not: set both (see .env.example)")
         return config, Database(config.database_url)
