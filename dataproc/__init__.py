@@ -9,8 +9,12 @@ from __future__ import annotations
 __version__ = "1.0.0"
 __all__ = ["Config", "Service", "__version__", "create_app", "from_env"]
 
-_LAZY = {"Config": ("config", "Config"), "from_env": ("config", "from_env"),
-         "Service": ("runtime", "Service"), "create_app": ("runtime", "create_app")}
+_LAZY = {
+    "Config": ("config", "Config"),
+    "from_env": ("config", "from_env"),
+    "Service": ("runtime", "Service"),
+    "create_app": ("runtime", "create_app"),
+}
 
 
 def __getattr__(name: str):

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the service (the default command)")
     serve.add_argument("--host", help="listen address (DATAPROC_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (DATAPROC_PORT, default 8080)")
-    serve.add_argument("--workers", type=int, help="pre-forked processes (DATAPROC_WORKERS, default 1)")
+    serve.add_argument(
+        "--workers", type=int, help="pre-forked processes (DATAPROC_WORKERS, default 1)"
+    )
     source = commands.add_parser("source", help="run the simulated upstream")
     source.add_argument("--host", default="127.0.0.1")
     source.add_argument("--port", type=int, default=28462)
@@ -47,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> Config:
     """The configuration from the environment and `.env`, with command-line overrides."""
     config = from_env(os.environ)
-    overrides = {name: getattr(args, name) for name in ("host", "port", "workers")
-                 if getattr(args, name, None) is not None}
+    overrides = {
+        name: getattr(args, name)
+        for name in ("host", "port", "workers")
+        if getattr(args, name, None) is not None
+    }
     if overrides.get("port") is not None and not 0 <= overrides["port"] <= 65535:
         raise ConfigError(f"--port: must be between 0 and 65535, got {overrides['port']}")
     if overrides.get("workers") is not None and not 1 <= overrides["workers"] <= 64:
@@ -123,7 +128,9 @@ def cmd_create_user(args: argparse.Namespace, config: Config) -> int:
     pool = runtime.connect(config, database, max_size=1)
     try:
         role = "admin" if args.admin else "user"
-        created = store.upsert_user(pool, args.name, passwords.hash_password(password, config.bcrypt_cost), role)
+        created = store.upsert_user(
+            pool, args.name, passwords.hash_password(password, config.bcrypt_cost), role
+        )
     finally:
         pool.close()
     print(f"{'created' if created else 'updated'} {role} {args.name}")
@@ -149,14 +156,25 @@ def cmd_populate(args: argparse.Namespace, config: Config) -> int:
         pool.close()
         if upstream is not None:
             upstream.shutdown()
-    print(json.dumps({"stored": [json.loads(p) for p in batch.stored],
-                      "duplicates": batch.duplicates,
-                      "rejected": [{"reason": r} for r in batch.rejected]}))
+    print(
+        json.dumps(
+            {
+                "stored": [json.loads(p) for p in batch.stored],
+                "duplicates": batch.duplicates,
+                "rejected": [{"reason": r} for r in batch.rejected],
+            }
+        )
+    )
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "source": cmd_source, "init-db": cmd_init_db,
-            "create-user": cmd_create_user, "populate": cmd_populate}
+COMMANDS = {
+    "serve": cmd_serve,
+    "source": cmd_source,
+    "init-db": cmd_init_db,
+    "create-user": cmd_create_user,
+    "populate": cmd_populate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 from urllib.parse import urlencode
@@ -25,12 +25,13 @@ from psycopg_pool import ConnectionPool
 from . import auth, ingest, openapi, source, store
 from .config import Config
 from .errors import ApiError, ValidationError, problem
-from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
+from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .metrics import Metrics
 from .web import Request, Response, Router, read_body
 
 USERNAME = re.compile(r"[A-Za-z0-9._@-]{3,64}")
 INTEGER = re.compile(r"[+-]?[0-9]{1,19}")  # not \d: it matches "１" and other non-ASCII digits
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_SKIP = 1_000_000_000
 
 
@@ -48,13 +49,16 @@ class Context:
     checker: auth.PasswordChecker = field(init=False)
 
     def __post_init__(self) -> None:
-        self.throttle = auth.LoginThrottle(self.config.login_max_failures, self.config.login_window_s)
+        self.throttle = auth.LoginThrottle(
+            self.config.login_max_failures, self.config.login_window_s
+        )
         self.checker = auth.PasswordChecker(self.config)
 
     def ingestor(self) -> ingest.Ingestor:
         """An ingestor for the configured upstream."""
-        return ingest.Ingestor(self.config, self.pool, self.upstream_url, clock=self.clock,
-                               on_outcome=self.on_outcome)
+        return ingest.Ingestor(
+            self.config, self.pool, self.upstream_url, clock=self.clock, on_outcome=self.on_outcome
+        )
 
 
 # --- /auth ----------------------------------------------------------------------------------
@@ -64,7 +68,9 @@ def _body(request: Request, ctx: Context) -> dict[str, Any]:
     return read_body(request, max_fields=ctx.config.max_query_params)
 
 
-def _string_fields(body: dict[str, Any], names: tuple[str, ...]) -> tuple[dict[str, str], list[dict]]:
+def _string_fields(
+    body: dict[str, Any], names: tuple[str, ...]
+) -> tuple[dict[str, str], list[dict]]:
     values, problems = {}, []
     for name in names:
         value = body.get(name)
@@ -81,13 +87,25 @@ def signup(request: Request, ctx: Context) -> Response:
     """POST /auth/signup: create a user (never an admin)."""
     values, problems = _string_fields(_body(request, ctx), ("username", "password"))
     if "username" in values and not USERNAME.fullmatch(values["username"]):
-        problems.append(problem("body", "username", "3 to 64 characters from A-Z a-z 0-9 . _ @ -",
-                                "string_pattern_mismatch"))
+        problems.append(
+            problem(
+                "body",
+                "username",
+                "3 to 64 characters from A-Z a-z 0-9 . _ @ -",
+                "string_pattern_mismatch",
+            )
+        )
     if "password" in values:
         size, minimum = len(values["password"].encode()), ctx.config.password_min_bytes
         if not minimum <= size <= 72:
-            problems.append(problem("body", "password", f"must be {minimum} to 72 bytes of UTF-8",
-                                    "string_too_short" if size < minimum else "string_too_long"))
+            problems.append(
+                problem(
+                    "body",
+                    "password",
+                    f"must be {minimum} to 72 bytes of UTF-8",
+                    "string_too_short" if size < minimum else "string_too_long",
+                )
+            )
     if problems:
         raise ValidationError(problems)
     username = values["username"]
@@ -151,11 +169,20 @@ def _integer(text: str, name: str, low: int, high: int, problems: list[dict]) ->
         return None
     value = int(text)
     if value < low:
-        problems.append(problem("query", name, f"Input should be greater than or equal to {low}",
-                                "greater_than_equal"))
+        problems.append(
+            problem(
+                "query",
+                name,
+                f"Input should be greater than or equal to {low}",
+                "greater_than_equal",
+            )
+        )
     elif value > high:
-        problems.append(problem("query", name, f"Input should be less than or equal to {high}",
-                                "less_than_equal"))
+        problems.append(
+            problem(
+                "query", name, f"Input should be less than or equal to {high}", "less_than_equal"
+            )
+        )
     else:
         return value
     return None
@@ -165,15 +192,19 @@ def _datetime(text: str, name: str, problems: list[dict]) -> datetime | None:
     try:
         return source.parse_time(text)
     except ValueError as error:
-        problems.append(problem("query", name, f"Input should be a valid datetime: {error}",
-                                "datetime_parsing"))
+        problems.append(
+            problem("query", name, f"Input should be a valid datetime: {error}", "datetime_parsing")
+        )
         return None
 
 
 def parse_data_query(request: Request) -> DataQuery:
     """The validated parameters of GET /api/data (422 lists every bad one)."""
     problems: list[dict] = []
-    raw = {name: _single(request, name, problems) for name in ("start", "end", "skip", "limit", "after")}
+    raw = {
+        name: _single(request, name, problems)
+        for name in ("start", "end", "skip", "limit", "after")
+    }
     values: dict[str, Any] = {}
     for name in ("start", "end"):
         if raw[name] is not None:
@@ -185,7 +216,9 @@ def parse_data_query(request: Request) -> DataQuery:
     if raw["after"] is not None:
         values["after"] = decode_cursor(raw["after"])
         if values["after"] is None:
-            problems.append(problem("query", "after", "not a cursor from a Link header", "value_error"))
+            problems.append(
+                problem("query", "after", "not a cursor from a Link header", "value_error")
+            )
     if values.get("start") and values.get("end") and values["start"] > values["end"]:
         problems.append(problem("query", "start", "start must not be after end", "value_error"))
     if problems:
@@ -221,8 +254,15 @@ def data(request: Request, ctx: Context) -> Response:
     username = auth.access_token_subject(request, ctx.config)
     query = parse_data_query(request)
     # One round trip: the store checks the user and its role in the same statement.
-    page = store.list_points(ctx.pool, viewer=username, start=query.start, end=query.end,
-                             after=query.after, skip=query.skip, limit=query.limit)
+    page = store.list_points(
+        ctx.pool,
+        viewer=username,
+        start=query.start,
+        end=query.end,
+        after=query.after,
+        skip=query.skip,
+        limit=query.limit,
+    )
     if page is None:
         raise auth.user_gone()
     headers = {}
@@ -257,8 +297,15 @@ def populate(request: Request, ctx: Context) -> Response:
         batch = ingestor.batch(count)
     except ingest.IngestFailure as failure:
         raise ApiError(_FAILURE_STATUS[failure.kind], failure.reason) from None
-    body = (b'{"stored":[' + b",".join(batch.stored) + b'],"duplicates":' + str(batch.duplicates).encode()
-            + b',"rejected":' + json.dumps([{"reason": r} for r in batch.rejected]).encode() + b"}")
+    body = (
+        b'{"stored":['
+        + b",".join(batch.stored)
+        + b'],"duplicates":'
+        + str(batch.duplicates).encode()
+        + b',"rejected":'
+        + json.dumps([{"reason": r} for r in batch.rejected]).encode()
+        + b"}"
+    )
     return Response.raw_json(body)
 
 
@@ -278,10 +325,14 @@ def readyz(request: Request, ctx: Context) -> Response:
 
 
 # The docs page runs only its own inline code and talks only to this origin.
-DOCS_HEADERS = {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache",
-                "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                "style-src 'unsafe-inline'; img-src data:; connect-src 'self'",
-                "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+DOCS_HEADERS = {
+    "Content-Type": "text/html; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; img-src data:; connect-src 'self'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def openapi_json(request: Request, ctx: Context) -> Response:
@@ -343,7 +394,9 @@ def build_router(ctx: Context) -> Router:
     """Every route of API.md bound to `ctx`."""
     router = Router()
     for method, path, handler in ROUTES:
-        if handler is prometheus_metrics and (ctx.metrics is None or not ctx.config.metrics_enabled):
+        if handler is prometheus_metrics and (
+            ctx.metrics is None or not ctx.config.metrics_enabled
+        ):
             continue  # switched off: /metrics does not exist (404)
         if path.startswith("/auth/"):
             handler = _never_cached(handler)

@@ -41,13 +41,22 @@ def issue_tokens(config: Config, username: str, role: str, now: float) -> dict:
     issued = int(now)
 
     def token(kind: str, ttl_s: int, key: str) -> str:
-        claims = {"sub": username, "role": role, "type": kind, "iat": issued,
-                  "exp": issued + ttl_s, "jti": secrets.token_urlsafe(12)}
+        claims = {
+            "sub": username,
+            "role": role,
+            "type": kind,
+            "iat": issued,
+            "exp": issued + ttl_s,
+            "jti": secrets.token_urlsafe(12),
+        }
         return jwt.encode(claims, key)
 
-    return {"access_token": token(ACCESS, config.access_ttl_s, config.jwt_secret_key),
-            "refresh_token": token(REFRESH, config.refresh_ttl_s, config.jwt_refresh_secret_key),
-            "token_type": "bearer", "expires_in": config.access_ttl_s}
+    return {
+        "access_token": token(ACCESS, config.access_ttl_s, config.jwt_secret_key),
+        "refresh_token": token(REFRESH, config.refresh_ttl_s, config.jwt_refresh_secret_key),
+        "token_type": "bearer",
+        "expires_in": config.access_ttl_s,
+    }
 
 
 def token_subject(config: Config, token: str, kind: str, now: float) -> str:

@@ -136,8 +136,10 @@ def _minutes_to_seconds(text: str) -> int:
 def _signing_key(text: str) -> str:
     # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output (256 bits).
     if len(text.encode()) < 32:
-        raise ValueError("must be at least 32 bytes long (RFC 7518 §3.2); generate one with "
-                         "python -c \"import secrets; print(secrets.token_urlsafe(48))\"")
+        raise ValueError(
+            "must be at least 32 bytes long (RFC 7518 §3.2); generate one with "
+            'python -c "import secrets; print(secrets.token_urlsafe(48))"'
+        )
     return text
 
 
@@ -206,8 +208,10 @@ def from_env(environ: Mapping[str, str], *, dotenv_path: str | None = ".env") ->
     _check_algorithm(values)
     config = Config(**fields)
     if config.jwt_secret_key and config.jwt_secret_key == config.jwt_refresh_secret_key:
-        raise ConfigError("JWT_REFRESH_SECRET_KEY: must differ from JWT_SECRET_KEY, "
-                          "so a refresh token can never pass as an access token")
+        raise ConfigError(
+            "JWT_REFRESH_SECRET_KEY: must differ from JWT_SECRET_KEY, "
+            "so a refresh token can never pass as an access token"
+        )
     return config
 
 
@@ -221,25 +225,33 @@ def _parse(variable: str, raw: str, parse: Callable[[str], Any]) -> Any:
 def _check_algorithm(values: Mapping[str, str]) -> None:
     algorithm = values.get("ALGORITHM", "HS256").strip()
     if algorithm != "HS256":
-        raise ConfigError(f"ALGORITHM: only HS256 is supported (RFC 8725 §3.1: one algorithm, "
-                          f"pinned), got {algorithm!r}")
+        raise ConfigError(
+            f"ALGORITHM: only HS256 is supported (RFC 8725 §3.1: one algorithm, "
+            f"pinned), got {algorithm!r}"
+        )
 
 
 def _database_url(values: Mapping[str, str]) -> str | None:
     """DATABASE_URL wins; else a conninfo string from the original's POSTGRES_* names."""
     if "DATABASE_URL" in values:
         return values["DATABASE_URL"].strip()
-    parts = {name: values.get(name) for name in
-             ("POSTGRES_SERVER", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB_NAME")}
+    parts = {
+        name: values.get(name)
+        for name in ("POSTGRES_SERVER", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB_NAME")
+    }
     if not any(parts.values()):
         return None
     if not parts["POSTGRES_SERVER"]:
         given = ", ".join(name for name, value in parts.items() if value)
-        raise ConfigError(f"POSTGRES_SERVER: required when {given} is set "
-                          "(or set DATABASE_URL)")
+        raise ConfigError(f"POSTGRES_SERVER: required when {given} is set (or set DATABASE_URL)")
     host, port = _split_host_port(parts["POSTGRES_SERVER"].strip())
-    conninfo = {"host": host, "port": port, "user": parts["POSTGRES_USER"],
-                "password": parts["POSTGRES_PASSWORD"], "dbname": parts["POSTGRES_DB_NAME"]}
+    conninfo = {
+        "host": host,
+        "port": port,
+        "user": parts["POSTGRES_USER"],
+        "password": parts["POSTGRES_PASSWORD"],
+        "dbname": parts["POSTGRES_DB_NAME"],
+    }
     return " ".join(f"{key}={_conninfo_quote(value)}" for key, value in conninfo.items() if value)
 
 
@@ -249,8 +261,9 @@ def _split_host_port(server: str) -> tuple[str, str]:
         host, _, rest = server[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
         if not host or rest not in ("", f":{port}") or (port and not port.isdigit()):
-            raise ConfigError("POSTGRES_SERVER: expected host, host:port or [v6]:port, "
-                              f"got {server!r}")
+            raise ConfigError(
+                f"POSTGRES_SERVER: expected host, host:port or [v6]:port, got {server!r}"
+            )
         return host, port
     host, sep, port = server.rpartition(":")
     if not sep or ":" in host or not port.isdigit():
@@ -307,7 +320,7 @@ def read_dotenv(path: str) -> dict[str, str]:
         key, value = match.groups()
         if value[:1] in ("'", '"'):  # a quoted value, then nothing or a comment
             closing = value.find(value[0], 1)
-            rest = value[closing + 1:].strip() if closing > 0 else "unterminated"
+            rest = value[closing + 1 :].strip() if closing > 0 else "unterminated"
             if rest and not rest.startswith("#"):
                 raise ConfigError(f"{path}:{number}: {key}: unterminated quote or text after it")
             value = value[1:closing]

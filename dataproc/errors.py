@@ -10,8 +10,14 @@ from __future__ import annotations
 class ApiError(Exception):
     """An answer other than success: `status`, `detail` (str, or a list for 422), `headers`."""
 
-    def __init__(self, status: int, detail: str | list[dict], headers: dict[str, str] | None = None,
-                 *, close: bool = False):
+    def __init__(
+        self,
+        status: int,
+        detail: str | list[dict],
+        headers: dict[str, str] | None = None,
+        *,
+        close: bool = False,
+    ):
         super().__init__(detail if isinstance(detail, str) else f"{len(detail)} problem(s)")
         self.status = status
         self.detail = detail

@@ -51,16 +51,23 @@ def assess(reading: source.Reading, raw: bytes, config: Config, now: float) -> s
     if not math.isfinite(reading.value):
         valid = False
         tags.append(NON_FINITE)
-    return store.NewPoint(reading.time, reading.value, valid, tags, raw.decode("utf-8"),
-                          reading.identity)
+    return store.NewPoint(
+        reading.time, reading.value, valid, tags, raw.decode("utf-8"), reading.identity
+    )
 
 
 class Ingestor:
     """Fetch-parse-store against one upstream URL; `on_outcome` counts each result by name."""
 
-    def __init__(self, config: Config, pool: ConnectionPool, upstream_url: str | None, *,
-                 clock: Callable[[], float] = time.time,
-                 on_outcome: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        pool: ConnectionPool,
+        upstream_url: str | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_outcome: Callable[[str], None] | None = None,
+    ):
         self.config, self.pool, self.url = config, pool, upstream_url
         self.clock = clock
         self._on_outcome = on_outcome or (lambda outcome: None)
@@ -72,8 +79,12 @@ class Ingestor:
             reading = source.parse_document(raw)
         except source.InvalidDocument as error:
             self._reject(f"invalid document: {error.reason}", raw)
-            raise IngestFailure("invalid", f"upstream sent an invalid document: {error.reason}") from None
-        point_json, new = store.insert_point(self.pool, assess(reading, raw, self.config, self.clock()))
+            raise IngestFailure(
+                "invalid", f"upstream sent an invalid document: {error.reason}"
+            ) from None
+        point_json, new = store.insert_point(
+            self.pool, assess(reading, raw, self.config, self.clock())
+        )
         self._on_outcome("stored" if new else "duplicate")
         return point_json, new
 
@@ -104,8 +115,9 @@ class Ingestor:
             raise IngestFailure("unconfigured", "no upstream configured (set SERVER_URL)")
         config = self.config
         try:
-            return source.fetch(self.url, timeout_s=config.upstream_timeout_s,
-                                max_bytes=config.upstream_max_bytes)
+            return source.fetch(
+                self.url, timeout_s=config.upstream_timeout_s, max_bytes=config.upstream_max_bytes
+            )
         except source.UpstreamTimeout as error:
             self._on_outcome("timeout")
             raise IngestFailure("timeout", error.reason) from None

@@ -59,7 +59,9 @@ def _key_bytes(key: bytes | str) -> bytes:
     if not isinstance(key, (bytes, bytearray)):
         raise TypeError("key must be bytes or str")
     if not key:
-        raise ValueError("empty HMAC key")  # anyone could forge; a configuration error, not a bad token
+        raise ValueError(
+            "empty HMAC key"
+        )  # anyone could forge; a configuration error, not a bad token
     return bytes(key)
 
 
@@ -104,7 +106,11 @@ def _load_object(raw: bytes, what: str) -> dict:
         value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_pairs)
     except _DuplicateKey:
         raise InvalidToken(f"duplicate key in {what}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: absurdly nested arrays
+    except (
+        UnicodeDecodeError,
+        ValueError,
+        RecursionError,
+    ):  # RecursionError: absurdly nested arrays
         raise InvalidToken(f"malformed {what}") from None
     if not isinstance(value, dict):
         raise InvalidToken(f"{what} not a JSON object")
@@ -176,7 +182,12 @@ def _check_claims(claims: dict, now: float, leeway: float, expected_type: str | 
 
 
 def decode(
-    token: str, key: bytes | str, *, now: float, leeway: float = 0.0, expected_type: str | None = None
+    token: str,
+    key: bytes | str,
+    *,
+    now: float,
+    leeway: float = 0.0,
+    expected_type: str | None = None,
 ) -> dict:
     """Verify an HS256 compact JWS and return its claims; raise InvalidToken otherwise."""
     # A NaN clock would make every comparison false, so every token valid: fail loudly instead.

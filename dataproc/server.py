@@ -197,8 +197,13 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.close_connection = "close" in tokens
 
-    def _read_body(self, headers: dict[str, list[str]], config: Config, deadline: float,
-                   version: tuple[int, int]) -> bytes:
+    def _read_body(
+        self,
+        headers: dict[str, list[str]],
+        config: Config,
+        deadline: float,
+        version: tuple[int, int],
+    ) -> bytes:
         if "transfer-encoding" in headers:  # sharp edge 5: refuse, never guess the framing
             raise ProtocolError(411, "Transfer-Encoding is not supported; send Content-Length")
         lengths = headers.get("content-length", [])
@@ -247,10 +252,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _render(self, response: Response, request_id: str) -> bytes:
         status = response.status
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-                 f"Server: {SERVER_NAME}", f"Date: {_http_date()}",
-                 f"Content-Length: {len(response.body)}",
-                 "X-Content-Type-Options: nosniff", f"X-Request-ID: {request_id}"]
+        lines = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+            f"Server: {SERVER_NAME}",
+            f"Date: {_http_date()}",
+            f"Content-Length: {len(response.body)}",
+            "X-Content-Type-Options: nosniff",
+            f"X-Request-ID: {request_id}",
+        ]
         for name, value in response.headers.items():
             lines.append(f"{name}: {_BAD_VALUE_CHARS.sub(' ', value)}")
         if self.close_connection:
@@ -274,11 +283,23 @@ def _log_access(request: Request, response: Response, duration_s: float) -> None
     """One line per request; the route template, never the query string (it may hold secrets)."""
     route = request.route or "-"
     access_log.info(
-        "%s %s %s %d %.1fms %dB", request.request_id, request.method, route, response.status,
-        duration_s * 1000, len(response.body),
-        extra={"request_id": request.request_id, "method": request.method, "route": route,
-               "status": response.status, "duration_ms": round(duration_s * 1000, 3),
-               "bytes": len(response.body), "client": request.client})
+        "%s %s %s %d %.1fms %dB",
+        request.request_id,
+        request.method,
+        route,
+        response.status,
+        duration_s * 1000,
+        len(response.body),
+        extra={
+            "request_id": request.request_id,
+            "method": request.method,
+            "route": route,
+            "status": response.status,
+            "duration_ms": round(duration_s * 1000, 3),
+            "bytes": len(response.body),
+            "client": request.client,
+        },
+    )
 
 
 def _parse_header_line(line: bytes) -> tuple[str, str]:
@@ -301,12 +322,23 @@ def _split_target(target: str, max_params: int) -> tuple[str, dict[str, list[str
     parts = urlsplit(target)
     try:
         path = unquote(parts.path, errors="strict")
-        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query),
-                         max_num_fields=max_params, errors="strict") if parts.query else {}
+        query = (
+            parse_qs(
+                parts.query,
+                keep_blank_values=True,
+                strict_parsing=bool(parts.query),
+                max_num_fields=max_params,
+                errors="strict",
+            )
+            if parts.query
+            else {}
+        )
     except UnicodeDecodeError:
         raise ProtocolError(400, "request target is not valid UTF-8") from None
     except ValueError as error:
-        detail = "too many query parameters" if "Max number" in str(error) else "malformed query string"
+        detail = (
+            "too many query parameters" if "Max number" in str(error) else "malformed query string"
+        )
         raise ProtocolError(400, detail) from None
     return path, query
 
@@ -331,10 +363,12 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
-_OVERLOADED = (b"HTTP/1.1 503 Service Unavailable\r\nServer: dataproc\r\n"
-               b"Content-Type: application/json\r\nContent-Length: 45\r\nRetry-After: 1\r\n"
-               b"X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
-               b'{"detail":"server busy, retry in one second"}')
+_OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nServer: dataproc\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 45\r\nRetry-After: 1\r\n"
+    b"X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
+    b'{"detail":"server busy, retry in one second"}'
+)
 
 
 class HttpServer(ThreadingHTTPServer):
@@ -343,8 +377,14 @@ class HttpServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, config: Config, app: Callable[[Request], Response], *,
-                 observe: Observer | None = None, sock: socket.socket | None = None):
+    def __init__(
+        self,
+        config: Config,
+        app: Callable[[Request], Response],
+        *,
+        observe: Observer | None = None,
+        sock: socket.socket | None = None,
+    ):
         self.config, self.app = config, app
         self.request_queue_size = config.listen_backlog  # sharp edge 8: the stdlib says 5
         self._observe = observe

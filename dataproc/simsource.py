@@ -57,7 +57,12 @@ FIXED_DOCUMENT = b'{"time": 1713798477, "value": [157, 42, 76, 190], "tags": []}
 
 # Tag sets the original upstream sends, with weights: most readings carry no tags.
 TAG_CHOICES: tuple[tuple[str, ...], ...] = (
-    (), ("system",), ("suspect",), ("calibrated",), ("maintenance",), ("system", "suspect"),
+    (),
+    ("system",),
+    ("suspect",),
+    ("calibrated",),
+    ("maintenance",),
+    ("system", "suspect"),
 )
 TAG_WEIGHTS: tuple[int, ...] = (6, 1, 1, 1, 1, 1)
 
@@ -91,6 +96,7 @@ logger = logging.getLogger("dataproc.simsource")
 
 
 # --- documents (pure: no sockets, no clock) -------------------------------------------------
+
 
 def random_value(rng: random.Random) -> list[int]:
     """Four random bytes that decode (little-endian float32) to a finite number."""
@@ -142,8 +148,13 @@ class _BadRequest(Exception):
 def _parse_query(query: str) -> Query:
     # surrogateescape keeps undecodable %XX bytes, so /fixed can echo invalid UTF-8 exactly.
     try:
-        return parse_qs(query, keep_blank_values=True, encoding="utf-8",
-                        errors="surrogateescape", max_num_fields=_MAX_QUERY_FIELDS)
+        return parse_qs(
+            query,
+            keep_blank_values=True,
+            encoding="utf-8",
+            errors="surrogateescape",
+            max_num_fields=_MAX_QUERY_FIELDS,
+        )
     except ValueError as exc:
         raise _BadRequest(f"bad query string: {exc}") from None
 
@@ -268,6 +279,7 @@ _ROUTES: dict[str, Callable[["_Handler", Query, str], None]] = {
 
 # --- HTTP plumbing ----------------------------------------------------------------------------
 
+
 class _Handler(BaseHTTPRequestHandler):
     """Turns one request into one of the answers above, written in a single send."""
 
@@ -299,8 +311,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch(self._route)
 
     def _not_allowed(self) -> None:
-        self._dispatch(lambda: self.respond(405, _detail("method not allowed"),
-                                            headers=[("Allow", "GET")]))
+        self._dispatch(
+            lambda: self.respond(405, _detail("method not allowed"), headers=[("Allow", "GET")])
+        )
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
 
@@ -309,15 +322,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True  # after a malformed request the stream is untrustworthy
         self.respond(code, _detail(message or self._phrase(code)))
 
-    def respond(self, status: int, body: bytes, *, content_type: str = JSON_TYPE,
-                headers: list[tuple[str, str]] | None = None) -> None:
+    def respond(
+        self,
+        status: int,
+        body: bytes,
+        *,
+        content_type: str = JSON_TYPE,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
         """Write status line, headers and body in one send (no body for HEAD)."""
         head = self.head_bytes(status, content_type, len(body), headers or [])
         self.wfile.write(head if self.command == "HEAD" else head + body)
         self.log_request(status)
 
-    def head_bytes(self, status: int, content_type: str, length: int,
-                   headers: list[tuple[str, str]] | None = None) -> bytes:
+    def head_bytes(
+        self,
+        status: int,
+        content_type: str,
+        length: int,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> bytes:
         """The status line and headers, ending with the blank line."""
         lines = [
             f"HTTP/1.1 {status} {self._phrase(status)}",
@@ -423,8 +447,10 @@ class _SimulatedUpstream6(SimulatedUpstream):
 
 # --- starting and running ---------------------------------------------------------------------
 
-def make_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
-                seed: int | None = None) -> SimulatedUpstream:
+
+def make_server(
+    host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, seed: int | None = None
+) -> SimulatedUpstream:
     """A bound, listening simulated upstream (port 0: ephemeral), not yet serving."""
     cls = _SimulatedUpstream6 if ":" in host else SimulatedUpstream
     return cls((host, port), seed=seed)
@@ -439,13 +465,18 @@ def base_url(server: SimulatedUpstream, host: str | None = None) -> str:
     return f"http://{shown}:{server.server_address[1]}/"
 
 
-def start_in_thread(host: str = "127.0.0.1", port: int = 0, *,
-                    seed: int | None = None) -> tuple[SimulatedUpstream, str]:
+def start_in_thread(
+    host: str = "127.0.0.1", port: int = 0, *, seed: int | None = None
+) -> tuple[SimulatedUpstream, str]:
     """Serve in a daemon thread; returns (server, base URL). Stop: shutdown(), server_close()."""
     server = make_server(host, port, seed=seed)
     # A short poll interval keeps shutdown() (and so every test fixture) quick.
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              name="dataproc-simsource", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.05},
+        name="dataproc-simsource",
+        daemon=True,
+    )
     thread.start()
     return server, base_url(server)
 
@@ -480,10 +511,15 @@ def _port(text: str) -> int:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dataproc source",
-        description="Run the simulated upstream: one JSON document per GET, faults by path.")
+        description="Run the simulated upstream: one JSON document per GET, faults by path.",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT,
-                        help=f"listen port ({DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        help=f"listen port ({DEFAULT_PORT}; 0 picks a free one)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible documents")
     return parser.parse_args(argv)
 
@@ -495,8 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         server = make_server(args.host, args.port, seed=args.seed)
     except OSError as exc:  # address in use, not ours, unknown host: expected, no traceback
         reason = exc.strerror or str(exc)
-        print(f"dataproc source: cannot listen on {args.host}:{args.port}: {reason}",
-              file=sys.stderr)
+        print(
+            f"dataproc source: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr
+        )
         return 2
     shown = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("simulated upstream listening on http://%s:%d/", shown, server.server_address[1])
@@ -512,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run directly (python -m dataproc.simsource) there is no CLI to configure logging.
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     sys.exit(main())

@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -49,7 +49,7 @@ MAX_TAG_CHARS = 64
 DEFAULT_MAX_BYTES = 65536
 
 _FLOAT32_LE = struct.Struct("<f")  # the upstream sends IEEE-754 float32, little-endian
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _END_OF_TIME = 253402300800  # 10000-01-01T00:00:00Z in Unix seconds: datetime stops at 9999
 _ALLOWED_SCHEMES = frozenset({"http", "https"})
 _REQUEST_HEADERS = {"User-Agent": "dataproc", "Accept": "application/json"}
@@ -121,8 +121,8 @@ _ISO_DATETIME = re.compile(
 def format_time(dt: datetime) -> str:
     """RFC 3339 in UTC with "Z"; fractional seconds only when not zero (naive means UTC)."""
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    utc = dt.astimezone(timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
+    utc = dt.astimezone(UTC)
     text = utc.replace(tzinfo=None, microsecond=0).isoformat()
     if utc.microsecond:
         text += "." + f"{utc.microsecond:06d}".rstrip("0")
@@ -133,7 +133,7 @@ def parse_time(text: str) -> datetime:
     """Parse an RFC 3339 / ISO 8601 date-time into aware UTC; no offset means UTC."""
     moment = _parse_iso(text)
     if moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)
+        return moment.replace(tzinfo=UTC)
     return _to_utc(moment, text)
 
 
@@ -168,7 +168,7 @@ def _offset(parts: dict[str, str | None]) -> timezone | None:
     if parts["offset"] is None:
         return None
     if parts["sign"] is None:
-        return timezone.utc
+        return UTC
     hours, minutes = int(parts["off_h"]), int(parts["off_m"] or 0)
     if hours > 23 or minutes > 59:
         raise ValueError(f"offset {parts['offset']} is out of range")
@@ -179,7 +179,7 @@ def _offset(parts: dict[str, str | None]) -> timezone | None:
 def _to_utc(moment: datetime, text: str) -> datetime:
     """Convert an aware datetime to UTC; the offset can push it past year 1 or 9999."""
     try:
-        return moment.astimezone(timezone.utc)
+        return moment.astimezone(UTC)
     except OverflowError:
         raise ValueError(f"date-time out of range (years 1..9999 in UTC): {_clip(text)}") from None
 

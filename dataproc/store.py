@@ -65,16 +65,24 @@ class Page:
 # --- the pool -------------------------------------------------------------------------------
 
 
-def make_pool(conninfo: str, *, max_size: int, wait_s: float, name: str = "dataproc") -> ConnectionPool:
+def make_pool(
+    conninfo: str, *, max_size: int, wait_s: float, name: str = "dataproc"
+) -> ConnectionPool:
     """A closed pool: open it with `open_pool`, close it on shutdown."""
     # No `check=` on checkout: it costs a round trip per request (a quarter of a read's
     # throughput, measured). A dead connection shows itself when used; `read_one` then sweeps
     # the pool and tries again. reconnect_timeout=0: a failed background connect gives up at
     # once instead of backing off for minutes; a waiting request asks for a new one instead.
     return ConnectionPool(
-        conninfo, min_size=min(2, max_size), max_size=max_size, open=False, timeout=wait_s,
-        name=name, reconnect_timeout=0,
-        kwargs={"autocommit": True, "connect_timeout": max(2, int(wait_s))})
+        conninfo,
+        min_size=min(2, max_size),
+        max_size=max_size,
+        open=False,
+        timeout=wait_s,
+        name=name,
+        reconnect_timeout=0,
+        kwargs={"autocommit": True, "connect_timeout": max(2, int(wait_s))},
+    )
 
 
 class _HeldConnectWarnings(logging.Filter):
@@ -103,7 +111,9 @@ def open_pool(pool: ConnectionPool, wait_s: float) -> None:
     except PoolTimeout:
         pool.close()
         reason = f" ({held.last_error})" if held.last_error else ""
-        raise DatabaseUnavailable(f"cannot connect to the database within {wait_s:g} s{reason}") from None
+        raise DatabaseUnavailable(
+            f"cannot connect to the database within {wait_s:g} s{reason}"
+        ) from None
     finally:
         pool_log.removeFilter(held)
 
@@ -166,8 +176,11 @@ def pool_stats(pool: ConnectionPool) -> dict[str, int]:
     """Size, in use and waiting, for the metrics."""
     stats = pool.get_stats()
     size = stats.get("pool_size", 0)
-    return {"size": size, "in_use": size - stats.get("pool_available", 0),
-            "waiting": stats.get("requests_waiting", 0)}
+    return {
+        "size": size,
+        "in_use": size - stats.get("pool_available", 0),
+        "waiting": stats.get("requests_waiting", 0),
+    }
 
 
 # --- the poller's lock (taken on a session of the poller's own, never a pooled one) ---------
@@ -206,7 +219,9 @@ def user_role(pool: ConnectionPool, username: str) -> str | None:
     return row[0] if row else None
 
 
-def create_user(pool: ConnectionPool, username: str, hashed_password: str, role: str = "user") -> bool:
+def create_user(
+    pool: ConnectionPool, username: str, hashed_password: str, role: str = "user"
+) -> bool:
     """Insert a user; False when the name is taken (also under concurrent inserts)."""
     with connection(pool) as conn:
         return conn.execute(INSERT_USER, (username, hashed_password, role)).fetchone() is not None
@@ -266,8 +281,14 @@ FROM page p"""
 
 def insert_point(pool: ConnectionPool, point: NewPoint) -> tuple[bytes, bool]:
     """Store a point once per document; returns its JSON and whether it is new."""
-    params = (point.time, point.value, point.valid, point.tags, point.source_document,
-              point.document_sha256)
+    params = (
+        point.time,
+        point.value,
+        point.valid,
+        point.tags,
+        point.source_document,
+        point.document_sha256,
+    )
     with connection(pool) as conn:
         row = conn.execute(INSERT_POINT, params).fetchone()
         if row is not None:
@@ -289,8 +310,15 @@ NO_UPPER_BOUND = datetime.fromisoformat("9999-12-31T23:59:59.999999+00:00")
 MIN_ID = -(2**31)  # data_points.id is an integer (serial)
 
 
-def page_params(*, viewer: str, start: datetime | None = None, end: datetime | None = None,
-                after: tuple[datetime, int] | None = None, skip: int = 0, limit: int = 100) -> dict:
+def page_params(
+    *,
+    viewer: str,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    after: tuple[datetime, int] | None = None,
+    skip: int = 0,
+    limit: int = 100,
+) -> dict:
     """The parameters of `SELECT_PAGE`: inclusive bounds, after a keyset cursor, then skip."""
     # `start` and the cursor become ONE lower bound on (time, id): given two (`time >= start`
     # and a row comparison), the b-tree may start its scan at the looser one and walk past
@@ -298,8 +326,14 @@ def page_params(*, viewer: str, start: datetime | None = None, end: datetime | N
     lower = (start or NO_LOWER_BOUND, MIN_ID)
     if after is not None:
         lower = max(lower, (after[0], after[1] + 1))  # (time, id) > (t, i)  <=>  >= (t, i + 1)
-    return {"viewer": viewer, "from_time": lower[0], "from_id": lower[1],
-            "end": end or NO_UPPER_BOUND, "skip": skip, "limit": limit}
+    return {
+        "viewer": viewer,
+        "from_time": lower[0],
+        "from_id": lower[1],
+        "end": end or NO_UPPER_BOUND,
+        "skip": skip,
+        "limit": limit,
+    }
 
 
 def list_points(pool: ConnectionPool, **query) -> Page | None:

@@ -57,13 +57,17 @@ class Response:
     close: bool = False  # ask the server to close the connection after this response
 
     @classmethod
-    def json(cls, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    def json(
+        cls, payload: Any, status: int = 200, headers: dict[str, str] | None = None
+    ) -> Response:
         """Serialise `payload` as compact JSON (NaN and Infinity refused: they are not JSON)."""
         body = json.dumps(payload, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
         return cls.raw_json(body.encode(), status, headers)
 
     @classmethod
-    def raw_json(cls, body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    def raw_json(
+        cls, body: bytes, status: int = 200, headers: dict[str, str] | None = None
+    ) -> Response:
         """A response whose JSON body is already bytes (e.g. built by PostgreSQL)."""
         return cls(status, body, {"Content-Type": JSON_TYPE, **(headers or {})})
 
@@ -93,7 +97,9 @@ class Router:
 
     def routes(self) -> dict[str, tuple[str, ...]]:
         """Each path with its methods (HEAD left implicit), for the OpenAPI consistency test."""
-        return {path: tuple(m for m in methods if m != "HEAD") for path, methods in self._routes.items()}
+        return {
+            path: tuple(m for m in methods if m != "HEAD") for path, methods in self._routes.items()
+        }
 
     def match(self, method: str, path: str) -> tuple[Handler, str]:
         """The handler and route template for a request, or an `ApiError` 404/405."""
@@ -118,8 +124,12 @@ def make_app(router: Router) -> Handler:
             return error_response(error)
         except Exception:
             # Example 2 of DESIGN.md: log the traceback, answer a fixed body.
-            log.exception("unhandled error in %s %s [%s]", request.method, request.route or "-",
-                          request.request_id)
+            log.exception(
+                "unhandled error in %s %s [%s]",
+                request.method,
+                request.route or "-",
+                request.request_id,
+            )
             return error_response(ApiError(500, "Internal Server Error"))
 
     return app
@@ -192,15 +202,21 @@ def read_body(request: Request, *, max_fields: int) -> dict[str, Any]:
         return payload
     if media_type == FORM_TYPE:
         return _read_form(request.body, max_fields)
-    raise ApiError(415, f"unsupported Content-Type {media_type or '(none)'}; "
-                        f"send {JSON_TYPE} or {FORM_TYPE}")
+    raise ApiError(
+        415, f"unsupported Content-Type {media_type or '(none)'}; send {JSON_TYPE} or {FORM_TYPE}"
+    )
 
 
 def _read_form(body: bytes, max_fields: int) -> dict[str, str]:
     try:
         text = body.decode("utf-8")
-        fields = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text),
-                          max_num_fields=max_fields, errors="strict")
+        fields = parse_qs(
+            text,
+            keep_blank_values=True,
+            strict_parsing=bool(text),
+            max_num_fields=max_fields,
+            errors="strict",
+        )
     except (ValueError, UnicodeDecodeError) as error:
         raise invalid("body", "body", f"invalid form body: {error}", "value_error") from None
     for name, values in fields.items():

@@ -38,8 +38,12 @@ def serve_workers(config: Config) -> int:
         upstream, url = runtime.start_simulated_upstream()
         config = config.replace(upstream_url=url)
     sock = listen(config)
-    log.info("dataproc parent %d: %d workers on http://%s:%d/", os.getpid(), config.workers,
-             *sock.getsockname()[:2])
+    log.info(
+        "dataproc parent %d: %d workers on http://%s:%d/",
+        os.getpid(),
+        config.workers,
+        *sock.getsockname()[:2],
+    )
     try:
         return Supervisor(config, database, sock).run()
     finally:
@@ -51,11 +55,16 @@ def serve_workers(config: Config) -> int:
 def listen(config: Config) -> socket.socket:
     """The one listening socket, non-blocking so an idle worker never hangs in `accept`."""
     try:
-        family, _, _, _, address = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)[0]
-        sock = socket.create_server(address, family=family, backlog=config.listen_backlog)  # SO_REUSEADDR
+        family, _, _, _, address = socket.getaddrinfo(
+            config.host, config.port, type=socket.SOCK_STREAM
+        )[0]
+        sock = socket.create_server(
+            address, family=family, backlog=config.listen_backlog
+        )  # SO_REUSEADDR
     except OSError as error:
-        raise runtime.StartupError(f"cannot listen on {config.host}:{config.port}: "
-                                   f"{error.strerror or error}") from None
+        raise runtime.StartupError(
+            f"cannot listen on {config.host}:{config.port}: {error.strerror or error}"
+        ) from None
     # Every worker wakes on a new connection and one wins; the others get EAGAIN, which
     # socketserver ignores, instead of blocking until the next connection.
     sock.setblocking(False)
@@ -86,7 +95,9 @@ class Supervisor:
                 continue  # not a worker of ours (a helper process the parent started)
             log.warning("worker %d died (%s)", pid, _describe(status))
             if not self.restart_allowed():
-                log.error("workers keep dying (%d in %g s): stopping", len(self.crashes), RESTART_WINDOW_S)
+                log.error(
+                    "workers keep dying (%d in %g s): stopping", len(self.crashes), RESTART_WINDOW_S
+                )
                 failed = True
                 break
             self.stopping.wait(min(30.0, 0.5 * 2 ** (len(self.crashes) - 1)))  # backoff

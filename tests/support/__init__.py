@@ -1,0 +1,103 @@
+"""Helpers the tests share (fixtures live in `conftest.py`): the fixed test keys, a test
+`Config`, a small keep-alive HTTP/1.1 client, and the shortcuts that make a user and log in.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+from dataproc import passwords, store
+from dataproc.config import Config
+
+REPO = Path(__file__).resolve().parents[2]  # the project's top folder
+ACCESS_KEY = "test-access-key-" + "a" * 32
+REFRESH_KEY = "test-refresh-key-" + "b" * 32
+TEST_COST = 4  # bcrypt cost for users the tests create: fast, same code path
+
+
+def make_config(database_url: str | None, **overrides) -> Config:
+    """A test configuration: fast bcrypt, port 0, fixed keys, short waits."""
+    values = dict(
+        database_url=database_url,
+        jwt_secret_key=ACCESS_KEY,
+        jwt_refresh_secret_key=REFRESH_KEY,
+        bcrypt_cost=TEST_COST,
+        port=0,
+        db_wait_s=3.0,
+        upstream_timeout_s=2.0,
+        socket_timeout_s=5.0,
+        shutdown_grace_s=2.0,
+        login_concurrency=2,
+    )
+    values.update(overrides)
+    return Config(**values)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Client:
+    """A keep-alive HTTP/1.1 client on one connection (reconnects when the server closes)."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0):
+        parts = urlsplit(base_url)
+        self.host, self.port, self.timeout = parts.hostname, parts.port, timeout
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body=None,
+        headers=None,
+        token: str | None = None,
+        form: dict | None = None,
+    ) -> Reply:
+        headers = dict(headers or {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if form is not None:
+            body = urlencode(form).encode()
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        elif body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        self.conn.request(method, path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        reply = Reply(response.status, response.headers, response.read())
+        if response.will_close:
+            self.conn.close()
+        return reply
+
+    def get(self, path: str, **kwargs) -> Reply:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs) -> Reply:
+        return self.request("POST", path, **kwargs)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def create_user(pool, username: str, password: str, role: str = "user") -> None:
+    """A user straight in the database (cost 4), bypassing the API."""
+    store.upsert_user(pool, username, passwords.hash_password(password, TEST_COST), role)
+
+
+def login(client: Client, username: str, password: str) -> dict:
+    """The token pair of a successful login."""
+    reply = client.post("/auth/login", form={"username": username, "password": password})
+    assert reply.status == 200, reply.body
+    return reply.json()
