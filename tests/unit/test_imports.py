@@ -39,6 +39,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     # Modules DESIGN.md's table does not list.
     "simsource": LEAF,  # runs, and lifts out, on its own
     "logs": LEAF,
+    "static": LEAF,  # data only: the HTML pages, read with importlib.resources
     "metrics": LEAF,
     "poller": frozenset({"ingest", "store", "config"}),
     # workers pre-forks processes that each run runtime.Service: part of the shell with
@@ -46,7 +47,20 @@ ALLOWED: dict[str, frozenset[str]] = {
     "workers": frozenset({"runtime", "config", "logs"}),
     "__init__": frozenset({"config", "runtime"}),  # lazily, on first use of a public name
 }
-EVERYTHING = frozenset(path.stem for path in PACKAGE.glob("*.py"))
+# A module is a top-level file, or a subpackage taken whole (its files import each other freely).
+EVERYTHING = frozenset(
+    [path.stem for path in PACKAGE.glob("*.py")]
+    + [path.parent.name for path in PACKAGE.glob("*/__init__.py")]
+)
+
+
+def sources_of(module: str) -> list[tuple[Path, bool]]:
+    """The files of `module`, each with whether it sits inside a subpackage."""
+    if (PACKAGE / module).is_dir():
+        return [(path, True) for path in sorted((PACKAGE / module).glob("*.py"))]
+    return [(PACKAGE / f"{module}.py", False)]
+
+
 ALLOWED["runtime"] = EVERYTHING - {"__main__", "runtime", "workers"}
 ALLOWED["__main__"] = EVERYTHING - {"__main__"}
 
@@ -61,32 +75,42 @@ THIRD_PARTY: dict[str, frozenset[str]] = {
 
 def imports_of(module: str) -> tuple[set[str], set[str]]:
     """(dataproc modules, top-level third-party packages) that `module` imports anywhere."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
     internal, external = set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                top, _, rest = alias.name.partition(".")
-                if top == "dataproc":
-                    internal.add(rest.split(".")[0] or "__init__")
-                else:
-                    external.add(top)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                top, _, rest = (node.module or "").partition(".")
-                if top != "dataproc":
-                    external.add(top)
-                    continue
-                target = rest.split(".")[0]
-            else:
-                target = (node.module or "").split(".")[0]
-            if target:
-                internal.add(target)
-            else:  # `from . import a, b`: each name is a module, or the package's own attribute
-                internal.update(
-                    alias.name if alias.name in EVERYTHING else "__init__" for alias in node.names
-                )
+    for path, nested in sources_of(module):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    top, _, rest = alias.name.partition(".")
+                    if top == "dataproc":
+                        internal.add(rest.split(".")[0] or "__init__")
+                    else:
+                        external.add(top)
+            elif isinstance(node, ast.ImportFrom):
+                _add_from_import(node, nested, module, internal, external)
     return internal, external - set(sys.stdlib_module_names) - {"__future__"}
+
+
+def _add_from_import(node: ast.ImportFrom, nested: bool, module: str, internal, external) -> None:
+    """One `from X import ...`, resolved to the top-level module(s) it reaches."""
+    level = node.level - 1 if nested else node.level  # inside a subpackage, `.` is the module
+    if node.level == 0:
+        top, _, rest = (node.module or "").partition(".")
+        if top != "dataproc":
+            external.add(top)
+            return
+        target = rest.split(".")[0]
+    elif level == 0:  # `from .x import` inside a subpackage: its own file
+        internal.add(module)
+        return
+    else:
+        target = (node.module or "").split(".")[0]
+    if target:
+        internal.add(target)
+    else:  # `from . import a, b`: each name is a module, or the package's own attribute
+        internal.update(
+            alias.name if alias.name in EVERYTHING else "__init__" for alias in node.names
+        )
 
 
 def test_every_module_is_in_the_import_table():

@@ -19,7 +19,7 @@ from importlib import resources
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .errors import ApiError
+from ..errors import ApiError
 
 log = logging.getLogger("dataproc.store")
 
