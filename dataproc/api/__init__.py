@@ -14,7 +14,7 @@ from functools import partial
 
 from ..errors import ApiError
 from ..web import Request, Response, Router
-from . import accounts, data, ingestion, service
+from . import accounts, data, ingestion, service, sessions, users
 from .accounts import USERNAME
 from .context import Context
 from .params import decode_cursor, encode_cursor, parse_data_query
@@ -32,6 +32,8 @@ __all__ = [
 Handler = Callable[[Request, Context], Response]
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     *accounts.ROUTES,
+    *sessions.ROUTES,
+    *users.ROUTES,
     *data.ROUTES,
     *ingestion.ROUTES,
     *service.ROUTES,

@@ -25,12 +25,14 @@ class Context:
     metrics: Metrics | None = None  # served at /metrics; None (or DATAPROC_METRICS=false): 404
     throttle: auth.LoginThrottle = field(init=False)
     checker: auth.PasswordChecker = field(init=False)
+    sessions: auth.SessionRegistry = field(init=False)
 
     def __post_init__(self) -> None:
         self.throttle = auth.LoginThrottle(
             self.config.login_max_failures, self.config.login_window_s
         )
         self.checker = auth.PasswordChecker(self.config)
+        self.sessions = auth.SessionRegistry(self.pool, getattr(self, "listener", None))
 
     def ingestor(self) -> ingest.Ingestor:
         """An ingestor for the configured upstream."""
