@@ -69,6 +69,78 @@ SELECT 0, 'admin', '$2b$12$a/pMatsPyWuHa5KdqatsFOLZgPYjPZU4If4//jeretXqZ.ujoYFJG
 WHERE EXISTS (SELECT 1 FROM first_time) AND NOT EXISTS (SELECT 1 FROM users WHERE role = 'admin')
 ON CONFLICT DO NOTHING;
 
+-- Freshness (the read cache and the sessions of every replica): triggers NOTIFY each change,
+-- so no writer — a replica, the CLI, plain SQL, a COPY — can forget to; PostgreSQL delivers a
+-- NOTIFY at commit, so a listener hears of a change only once it is visible.
+--
+-- The data version: one row, bumped once per statement that changed data_points, in that
+-- statement's transaction (the row lock orders the bumps as the commits are ordered). It never
+-- goes back, even if this table is dropped and made again: it is at least the time in ms, so a
+-- tag a client kept from before cannot match a new state by accident.
+CREATE TABLE IF NOT EXISTS dataproc_data_version (
+  name text PRIMARY KEY,
+  version bigint NOT NULL
+);
+INSERT INTO dataproc_data_version (name, version)
+VALUES ('data_points', (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+ON CONFLICT DO NOTHING;
+
+CREATE OR REPLACE FUNCTION dataproc_bump_data_version() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  changed boolean := true;
+  new_version bigint;
+BEGIN
+  -- A statement that changed no row (an INSERT whose documents were all duplicates) leaves
+  -- every cached answer valid: no bump.
+  IF TG_OP = 'INSERT' THEN
+    changed := EXISTS (SELECT FROM new_rows);
+  ELSIF TG_OP IN ('UPDATE', 'DELETE') THEN
+    changed := EXISTS (SELECT FROM old_rows);
+  END IF;
+  IF changed THEN
+    UPDATE dataproc_data_version
+    SET version = greatest(version + 1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+    WHERE name = 'data_points'
+    RETURNING version INTO new_version;
+    PERFORM pg_notify('dataproc_points', new_version::text);
+  END IF;
+  RETURN NULL;
+END $$;
+
+-- Transition tables allow one event per trigger: one trigger each.
+CREATE OR REPLACE TRIGGER dataproc_points_inserted AFTER INSERT ON data_points
+  REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataproc_bump_data_version();
+CREATE OR REPLACE TRIGGER dataproc_points_updated AFTER UPDATE ON data_points
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION dataproc_bump_data_version();
+CREATE OR REPLACE TRIGGER dataproc_points_deleted AFTER DELETE ON data_points
+  REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataproc_bump_data_version();
+CREATE OR REPLACE TRIGGER dataproc_points_truncated AFTER TRUNCATE ON data_points
+  FOR EACH STATEMENT EXECUTE FUNCTION dataproc_bump_data_version();
+
+-- A user's row changed (role, password, name) or went: its username on dataproc_users, so
+-- every replica drops what it knows of that user's role. A TRUNCATE sends '' (no username
+-- can be empty): everyone.
+CREATE OR REPLACE FUNCTION dataproc_notify_user() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'TRUNCATE' THEN
+    PERFORM pg_notify('dataproc_users', '');
+    RETURN NULL;
+  END IF;
+  PERFORM pg_notify('dataproc_users', OLD.username);
+  IF TG_OP = 'UPDATE' AND NEW.username IS DISTINCT FROM OLD.username THEN
+    PERFORM pg_notify('dataproc_users', NEW.username);
+  END IF;
+  RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER dataproc_users_changed AFTER UPDATE OR DELETE ON users
+  FOR EACH ROW EXECUTE FUNCTION dataproc_notify_user();
+CREATE OR REPLACE TRIGGER dataproc_users_truncated AFTER TRUNCATE ON users
+  FOR EACH STATEMENT EXECUTE FUNCTION dataproc_notify_user();
+
 -- When each account was made. Rows that predate this column (the original's, or ours before
 -- sessions) get the moment it was added: now() is stable, so PostgreSQL stores it once as the
 -- column's default for every existing row, without rewriting the table.
@@ -97,8 +169,13 @@ CREATE INDEX IF NOT EXISTS sessions_ended_at_idx ON sessions (ended_at) WHERE en
 -- that one ended, whoever ended it (a replica, the CLI, plain SQL, a user's cascade delete).
 -- Rows deleted after they ended or expired were announced already or need no word (every
 -- replica checks `expires_at` itself), so the sweep sends nothing.
+-- A TRUNCATE sends '' (no session id is empty): every session.
 CREATE OR REPLACE FUNCTION dataproc_session_ended() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+  IF TG_OP = 'TRUNCATE' THEN
+    PERFORM pg_notify('dataproc_sessions', '');
+    RETURN NULL;
+  END IF;
   IF TG_OP = 'DELETE' THEN
     IF OLD.ended_at IS NULL AND OLD.expires_at > now() THEN
       PERFORM pg_notify('dataproc_sessions', OLD.id);
@@ -110,6 +187,7 @@ BEGIN
   END IF;
   RETURN NEW;
 END $$;
-DROP TRIGGER IF EXISTS sessions_notify_ended ON sessions;
-CREATE TRIGGER sessions_notify_ended AFTER UPDATE OF ended_at OR DELETE ON sessions
+CREATE OR REPLACE TRIGGER dataproc_sessions_ended AFTER UPDATE OF ended_at OR DELETE ON sessions
   FOR EACH ROW EXECUTE FUNCTION dataproc_session_ended();
+CREATE OR REPLACE TRIGGER dataproc_sessions_truncated AFTER TRUNCATE ON sessions
+  FOR EACH STATEMENT EXECUTE FUNCTION dataproc_session_ended();

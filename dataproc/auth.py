@@ -152,7 +152,7 @@ class SessionRegistry:
         self._generation = 0  # bumped by every end and every listener reset
         self._lock = threading.Lock()
         if listener is not None:
-            listener.subscribe(SESSIONS_CHANNEL, lambda sid: self.forget((sid,)))
+            listener.subscribe(SESSIONS_CHANNEL, self._heard)
             listener.on_reset(self._deafened)
 
     def is_live(self, sid: str, now: float) -> bool:
@@ -187,6 +187,13 @@ class SessionRegistry:
                 self._ended.move_to_end(sid)
             while len(self._ended) > self.MAX_ENTRIES:
                 self._ended.popitem(last=False)
+
+    def _heard(self, sid: str) -> None:
+        # '' is a TRUNCATE of the sessions table: every session ended.
+        if sid:
+            self.forget((sid,))
+        else:
+            self._deafened()
 
     def _deafened(self) -> None:
         # The listener reconnected: ends may have gone unheard, so every live entry is stale.

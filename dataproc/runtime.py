@@ -20,7 +20,7 @@ from pathlib import Path
 
 from psycopg_pool import ConnectionPool
 
-from . import __version__, api, ingest, passwords, store
+from . import __version__, api, ingest, notify, passwords, store
 from .config import Config
 from .metrics import Metrics
 from .poller import Poller
@@ -122,6 +122,7 @@ def create_app(
     upstream_url: str | None,
     *,
     metrics: Metrics | None = None,
+    listener: notify.Listener | None = None,
 ):
     """The request handler of the service (`Request -> Response`), for `server` or embedding.
 
@@ -130,7 +131,14 @@ def create_app(
     on_outcome = metrics.outcome if metrics is not None else None
     return make_app(
         api.build_router(
-            api.Context(config, pool, upstream_url, on_outcome=on_outcome, metrics=metrics)
+            api.Context(
+                config,
+                pool,
+                upstream_url,
+                on_outcome=on_outcome,
+                metrics=metrics,
+                listener=listener,
+            )
         )
     )
 
@@ -167,6 +175,7 @@ class Service:
         self.http: HttpServer | None = None
         self.poller: Poller | None = None
         self.metrics: Metrics | None = None
+        self.listener: notify.Listener | None = None
         self._upstream = None
         self._thread: threading.Thread | None = None
         self._admin_check: threading.Thread | None = None
@@ -180,7 +189,13 @@ class Service:
         if upstream_url is None and self.database.embedded is not None:
             self._upstream, upstream_url = start_simulated_upstream()
         self.metrics = Metrics(__version__) if self.config.metrics_enabled else None
-        app = create_app(self.config, self.pool, upstream_url, metrics=self.metrics)
+        # One listener per process, before serving; not waited for: until it is healthy the
+        # caches that use it fail closed (every read goes to the database).
+        self.listener = notify.Listener(self.database.conninfo, notify.CHANNELS)
+        self.listener.start()
+        app = create_app(
+            self.config, self.pool, upstream_url, metrics=self.metrics, listener=self.listener
+        )
         self.http = HttpServer(
             self.config,
             app,
@@ -231,6 +246,8 @@ class Service:
             self._thread.join(timeout=5)
         if self.poller is not None:
             self.poller.stop()
+        if self.listener is not None:
+            self.listener.stop()
         if self._admin_check is not None:
             # A daemon thread still inside bcrypt (Rust) when the interpreter exits aborts the
             # process ("FATAL: exception not rethrown", SIGABRT): let the check finish first.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from psycopg_pool import ConnectionPool
 
-from .. import auth, ingest
+from .. import auth, ingest, notify
 from ..config import Config
 from ..metrics import Metrics
 
@@ -23,6 +23,8 @@ class Context:
     clock: Callable[[], float] = time.time
     on_outcome: Callable[[str], None] | None = None
     metrics: Metrics | None = None  # served at /metrics; None (or DATAPROC_METRICS=false): 404
+    # Hears every write (LISTEN/NOTIFY); None without one: what relies on it fails closed.
+    listener: notify.Listener | None = None
     throttle: auth.LoginThrottle = field(init=False)
     checker: auth.PasswordChecker = field(init=False)
     sessions: auth.SessionRegistry = field(init=False)
@@ -32,7 +34,7 @@ class Context:
             self.config.login_max_failures, self.config.login_window_s
         )
         self.checker = auth.PasswordChecker(self.config)
-        self.sessions = auth.SessionRegistry(self.pool, getattr(self, "listener", None))
+        self.sessions = auth.SessionRegistry(self.pool, self.listener)
 
     def ingestor(self) -> ingest.Ingestor:
         """An ingestor for the configured upstream."""

