@@ -63,7 +63,7 @@ class Config:
     db_pool_size: int = 2 * (os.cpu_count() or 1)
     db_wait_s: float = 5.0
     login_concurrency: int = max(1, (os.cpu_count() or 2) // 2)
-    login_wait_s: float = 5.0
+    login_wait_s: float = 30.0
     login_max_failures: int = 5
     login_window_s: float = 60.0
     shutdown_grace_s: float = 10.0
