@@ -25,6 +25,7 @@ from .config import Config
 from .metrics import Metrics
 from .poller import Poller
 from .server import HttpServer
+from .sweeper import SessionSweeper
 from .web import make_app
 
 log = logging.getLogger("dataproc.runtime")
@@ -174,6 +175,7 @@ class Service:
         self.pool: ConnectionPool | None = None
         self.http: HttpServer | None = None
         self.poller: Poller | None = None
+        self.sweeper: SessionSweeper | None = None
         self.metrics: Metrics | None = None
         self.listener: notify.Listener | None = None
         self._upstream = None
@@ -223,6 +225,7 @@ class Service:
                 ingestor,
                 connect_timeout_s=self.config.db_wait_s,
             ).start()
+        self.sweeper = SessionSweeper(self.pool).start()  # one replica at a time, by a lock
         self._admin_check = threading.Thread(
             target=warn_if_default_admin,
             args=(self.pool,),
@@ -246,6 +249,8 @@ class Service:
             self._thread.join(timeout=5)
         if self.poller is not None:
             self.poller.stop()
+        if self.sweeper is not None:
+            self.sweeper.stop()
         if self.listener is not None:
             self.listener.stop()
         if self._admin_check is not None:

