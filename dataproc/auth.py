@@ -15,11 +15,10 @@ every writer is heard) or this process ends it itself. While the listener cannot
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -359,19 +358,22 @@ class LoginThrottle:
 class PasswordChecker:
     """bcrypt work, at most `concurrency` at once, so logins cannot take every core.
 
-    Requests queue for a slot. The time one bcrypt operation takes is measured (an EWMA), so
-    a request whose wait, given the queue ahead of it, would exceed `login_wait_s` is refused
-    at once with 503 and a `Retry-After` computed from that queue, instead of waiting in vain.
+    Requests queue for a slot, first come first served (a released slot is handed to the
+    oldest waiter). The time one bcrypt operation takes is measured (an EWMA), so a request
+    whose wait, given the queue ahead of it, would exceed `login_wait_s` is refused at once
+    with 503 and a `Retry-After` computed from that queue, instead of waiting in vain; a
+    waiter re-checks as the measurement moves (before the first one, nothing is refused early).
     """
 
     EWMA_WEIGHT = 0.2  # of the newest sample: follows a machine that gets busier in ~5 hashes
+    RECHECK_S = 0.25  # how often a waiter looks at its expected wait again
 
     def __init__(self, config: Config):
         self._cost, self._wait_s = config.bcrypt_cost, config.login_wait_s
         self._concurrency = config.login_concurrency
-        self._slots = threading.BoundedSemaphore(config.login_concurrency)
         self._lock = threading.Lock()
-        self._queued = 0  # requests holding or waiting for a slot
+        self._running = 0  # slots held
+        self._waiting: deque[threading.Event] = deque()  # oldest first; set = slot handed over
         self._hash_s: float | None = None  # measured time of one bcrypt operation
 
     def verify(self, password: str, hashed: str | None) -> bool:
@@ -384,48 +386,63 @@ class PasswordChecker:
 
     def expected_wait_s(self, ahead: int) -> float:
         """How long a request with `ahead` others holding or awaiting a slot would wait."""
-        if self._hash_s is None or ahead < self._concurrency:
-            return 0.0
-        # It gets a slot after `ahead - concurrency + 1` operations end, `concurrency` at a time.
-        return (ahead - self._concurrency + 1) * self._hash_s / self._concurrency
+        return 0.0 if ahead < self._concurrency else self._wait_behind(ahead - self._concurrency)
 
-    def _admit(self) -> None:
+    def _wait_behind(self, waiters: int) -> float:
+        # With every slot busy and `waiters` queued ahead, a slot comes after `waiters + 1`
+        # operations end, `concurrency` of them at a time.
+        if self._hash_s is None:
+            return 0.0
+        return (waiters + 1) * self._hash_s / self._concurrency
+
+    def _busy(self, expected_s: float) -> ApiError:
+        # Retry when the queue will have drained to what a wait can cover.
+        return retry_later(
+            503, "too many logins in progress, retry shortly", expected_s - self._wait_s
+        )
+
+    def _acquire(self) -> None:
+        deadline = time.monotonic() + self._wait_s
         with self._lock:
-            expected = self.expected_wait_s(self._queued)
+            if self._running < self._concurrency and not self._waiting:
+                self._running += 1
+                return
+            expected = self._wait_behind(len(self._waiting))
             if expected > self._wait_s:
-                # Retry when the queue ahead will have drained to what a wait can cover.
-                raise retry_later(
-                    503,
-                    "too many logins in progress, retry shortly",
-                    math.ceil(expected - self._wait_s),
-                )
-            self._queued += 1
+                raise self._busy(expected)
+            turn = threading.Event()
+            self._waiting.append(turn)
+        while not turn.wait(max(0.0, min(self.RECHECK_S, deadline - time.monotonic()))):
+            with self._lock:
+                if turn.is_set():  # handed over between the wait and the lock
+                    return
+                now, expected = time.monotonic(), self._wait_behind(self._waiting.index(turn))
+                if now >= deadline or now + expected > deadline:
+                    self._waiting.remove(turn)
+                    raise self._busy(max(expected, self._wait_s + 1))
+
+    def _release(self) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()  # the slot passes on: `_running` stays
+            else:
+                self._running -= 1
 
     def _bounded(self, function, *args):
-        self._admit()
+        self._acquire()
         try:
-            if not self._slots.acquire(timeout=self._wait_s):
-                with self._lock:
-                    retry = max(1.0, self.expected_wait_s(self._queued) - self._wait_s)
-                raise retry_later(503, "too many logins in progress, retry shortly", retry)
-            try:
-                started = time.perf_counter()
-                result = function(*args)
-                self._measured(time.perf_counter() - started)
-                return result
-            finally:
-                self._slots.release()
+            started = time.perf_counter()
+            result = function(*args)
+            self._measured(time.perf_counter() - started)
+            return result
         finally:
-            with self._lock:
-                self._queued -= 1
+            self._release()
 
     def _measured(self, seconds: float) -> None:
         with self._lock:
             previous = self._hash_s
             self._hash_s = (
-                seconds
-                if previous is None
-                else (previous + self.EWMA_WEIGHT * (seconds - previous))
+                seconds if previous is None else previous + self.EWMA_WEIGHT * (seconds - previous)
             )
 
 
