@@ -92,6 +92,12 @@ def signing_key(config: Config, kind: str) -> str:
     return key
 
 
+def claim_stale_s(config: Config) -> float:
+    """After how long a signup's claim on a name (made before hashing) counts as abandoned:
+    longer than any signup can take (the queue's wait plus a hash), with room to spare."""
+    return 2 * config.login_wait_s + 60
+
+
 def refresh_expiry(config: Config, now: float) -> datetime:
     """When a refresh token issued now (and so its session, unless refreshed) expires."""
     return datetime.fromtimestamp(int(now) + config.refresh_ttl_s, UTC)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from psycopg_pool import ConnectionPool
 
-from . import __version__, api, ingest, notify, passwords, store
+from . import __version__, api, auth, ingest, notify, passwords, store
 from .config import Config
 from .metrics import Metrics
 from .poller import Poller
@@ -225,7 +225,9 @@ class Service:
                 ingestor,
                 connect_timeout_s=self.config.db_wait_s,
             ).start()
-        self.sweeper = SessionSweeper(self.pool).start()  # one replica at a time, by a lock
+        self.sweeper = SessionSweeper(  # one replica at a time, by a lock
+            self.pool, stale_claim_s=auth.claim_stale_s(self.config)
+        ).start()
         self._admin_check = threading.Thread(
             target=warn_if_default_admin,
             args=(self.pool,),

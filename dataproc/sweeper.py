@@ -1,7 +1,8 @@
 """Expired sessions removed in the background, one replica at a time.
 
 Owns: the thread that, every `interval_s`, deletes the sessions whose refresh lifetime ran
-out and the ended ones older than a day (`store.sessions.sweep_sessions`). Which replica
+out and the ended ones older than a day (`store.sessions.sweep_sessions`), and the claims on
+usernames that signups left when their process died between claim and hash. Which replica
 sweeps is decided per sweep by a transaction-scoped PostgreSQL advisory lock: one that finds
 it taken skips that sweep, and nothing is held between sweeps (no connection, no leader), so
 a replica that dies mid-sweep leaves nothing behind but a rolled-back batch.
@@ -33,8 +34,10 @@ class SessionSweeper:
         pool: ConnectionPool,
         interval_s: float = SWEEP_INTERVAL_S,
         keep_ended_s: float = KEEP_ENDED_S,
+        stale_claim_s: float | None = None,
     ):
         self.pool, self.interval_s, self.keep_ended_s = pool, interval_s, keep_ended_s
+        self.stale_claim_s = stale_claim_s  # None: leave claims alone
         self.removed = 0  # sessions this process has deleted
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dataproc-sweeper", daemon=True)
@@ -53,6 +56,10 @@ class SessionSweeper:
     def sweep(self) -> int | None:
         """One sweep now: the sessions removed, or None when another replica was sweeping."""
         removed = session_store.sweep_sessions(self.pool, self.keep_ended_s)
+        if removed is not None and self.stale_claim_s is not None:
+            claims = session_store.delete_stale_claims(self.pool, self.stale_claim_s)
+            if claims:
+                log.info("removed %d abandoned signup claims", claims)
         if removed:
             self.removed += removed
             log.info("removed %d expired or ended sessions", removed)

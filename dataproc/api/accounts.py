@@ -61,9 +61,9 @@ def signup(request: Request, ctx: Context) -> Response:
     if problems:
         raise ValidationError(problems)
     username = values["username"]
-    # A claim older than any signup can take (queue wait plus a hash, with room) was left by
-    # a process that died between claim and hash: it may be claimed again.
-    user_id = session_store.claim_username(ctx.pool, username, 2 * ctx.config.login_wait_s + 60)
+    # A claim older than any signup can take was left by a process that died between claim
+    # and hash: it may be claimed again.
+    user_id = session_store.claim_username(ctx.pool, username, auth.claim_stale_s(ctx.config))
     if user_id is None:
         raise ApiError(409, "username already taken")
     try:

@@ -147,6 +147,8 @@ SET_CLAIMED_PASSWORD = """
 UPDATE users SET hashed_password = %s, created_at = now()
 WHERE id = %s AND hashed_password = %s"""
 RELEASE_CLAIM = "DELETE FROM users WHERE id = %s AND hashed_password = %s"
+DELETE_STALE_CLAIMS = """
+DELETE FROM users WHERE hashed_password = %s AND created_at < now() - %s * interval '1 second'"""
 
 
 def claim_username(pool: ConnectionPool, username: str, stale_s: float) -> int | None:
@@ -172,6 +174,12 @@ def release_claim(pool: ConnectionPool, user_id: int) -> None:
     """Give a claimed name back (its password could not be hashed)."""
     with connection(pool) as conn:
         conn.execute(RELEASE_CLAIM, (user_id, PENDING_PASSWORD))
+
+
+def delete_stale_claims(pool: ConnectionPool, stale_s: float) -> int:
+    """Remove placeholders older than `stale_s` (their signup died between claim and hash)."""
+    with connection(pool) as conn:
+        return conn.execute(DELETE_STALE_CLAIMS, (PENDING_PASSWORD, stale_s)).rowcount
 
 
 # --- user administration --------------------------------------------------------------------

@@ -85,3 +85,17 @@ def test_deleting_a_user_announces_its_live_sessions(clean_db, user_id, database
             conn.execute("DELETE FROM users WHERE id = %s", (user_id,))
 
     assert notifications(database_url, delete) == ["live"]
+
+
+def test_a_sweep_removes_abandoned_signup_claims_only(clean_db):
+    fresh = session_store.claim_username(clean_db, "claimed-now", 600)
+    old = session_store.claim_username(clean_db, "claimed-long-ago", 600)
+    with store.connection(clean_db) as conn:
+        conn.execute(
+            "UPDATE users SET created_at = now() - interval '1 hour' WHERE id = %s", (old,)
+        )
+    create_user(clean_db, "real-user", "password-1")
+    SessionSweeper(clean_db, stale_claim_s=600).sweep()
+    assert store.get_user(clean_db, "claimed-long-ago") is None
+    assert store.get_user(clean_db, "claimed-now").id == fresh
+    assert store.get_user(clean_db, "real-user") is not None
