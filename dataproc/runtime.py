@@ -47,13 +47,16 @@ class Database:
 
 def open_database(config: Config, *, serving: bool = True) -> tuple[Config, Database]:
     """The configured database, or an embedded one (with its keys) for zero configuration.
-    `serving=False` (init-db, create-user, populate): no signing keys are needed."""
+    `serving=False` (init-db, create-user, populate): no signing keys are needed, and no wait;
+    serving waits up to `db_start_wait_s` for a configured database to come up."""
     if not config.embedded_database:
         if serving and not (config.jwt_secret_key and config.jwt_refresh_secret_key):
             raise StartupError(
                 "a database is configured but JWT_SECRET_KEY and "
                 "JWT_REFRESH_SECRET_KEY are not: set both (see .env.example)"
             )
+        if serving:  # a service may start before its database (compose): wait for it
+            store.wait_for_database(config.database_url or "", config.db_start_wait_s)
         return config, Database(config.database_url)
     try:
         with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR at import
