@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 
 from psycopg_pool import ConnectionPool
 
-from . import auth, ingest, openapi, source, store
+from . import auth, ingest, openapi, rfc3339, store
 from .config import Config
 from .errors import ApiError, ValidationError, problem
 from .metrics import CONTENT_TYPE as METRICS_TYPE
@@ -190,7 +190,7 @@ def _integer(text: str, name: str, low: int, high: int, problems: list[dict]) ->
 
 def _datetime(text: str, name: str, problems: list[dict]) -> datetime | None:
     try:
-        return source.parse_time(text)
+        return rfc3339.parse(text)
     except ValueError as error:
         problems.append(
             problem("query", name, f"Input should be a valid datetime: {error}", "datetime_parsing")
