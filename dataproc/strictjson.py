@@ -54,7 +54,8 @@ def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
         raise
     except ValueError as exc:  # JSONDecodeError, integers over Python's digit limit
         raise InvalidJSON(str(exc)) from None
-    _check_text(value)
+    if "\\u" in text or not _is_text(text):  # else no string can hold a lone surrogate
+        _check_text(value)
     return value
 
 
@@ -70,6 +71,8 @@ def _decode(data: bytes | str) -> str:
 
 def _check_depth(text: str, max_depth: int) -> None:
     """Refuse nesting over max_depth before json's recursion meets it."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return  # too few brackets to nest that deep: skip the scan (most texts, in C speed)
     depth = 0
     for token in _DEPTH_TOKEN.finditer(text):
         char = token.group()[0]
