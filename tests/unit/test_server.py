@@ -7,7 +7,8 @@ set by the test so that every limit is reached quickly.
 
 from __future__ import annotations
 
-import io
+import ast
+import inspect
 import json
 import logging
 import re
@@ -15,13 +16,13 @@ import socket
 import struct
 import threading
 import time
-import types
 
 import pytest
 
+from dataproc import server as server_module
 from dataproc.config import Config
 from dataproc.errors import ApiError
-from dataproc.server import Handler, HttpServer
+from dataproc.server import HttpServer
 from dataproc.web import Request, Response, Router, make_app
 
 LIMITS = dict(
@@ -111,11 +112,9 @@ class RecordingServer(HttpServer):
         self.accepted.append(request)
         super().process_request(request, client_address)
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.finished.release()
+    def shutdown_request(self, sock):
+        super().shutdown_request(sock)
+        self.finished.release()
 
 
 @pytest.fixture
@@ -346,15 +345,33 @@ def test_http_2_0_gets_a_json_505(server):
     assert_json_error(answer, 505, closes=True)
 
 
-def test_the_stdlib_send_error_writes_json_not_html():
-    handler = object.__new__(Handler)
-    handler.wfile, handler.command, handler.close_connection = io.BytesIO(), None, False
-    handler.server = types.SimpleNamespace(draining=False)
-    handler.send_error(501, "Unsupported method ('BREW')")
-    head, _, body = handler.wfile.getvalue().partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 501 ") and b"Content-Type: application/json" in head
-    assert json.loads(body) == {"detail": "Unsupported method ('BREW')"}
-    assert b"<" not in body and handler.close_connection
+def test_no_stdlib_http_server_handler_runs_so_none_can_answer_in_html():
+    # `BaseHTTPRequestHandler.send_error` writes HTML and the stdlib calls it itself; the
+    # server uses no `http.server` class at all, so that path cannot be reached.
+    tree = ast.parse(inspect.getsource(server_module))
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert "http.server" not in imported and "socketserver" not in imported
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"BAD\r\n\r\n", 400),
+        (b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"v" * 1100 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/3.0\r\nHost: t\r\n\r\n", 505),
+    ],
+    ids=["400", "414", "431", "505"],
+)
+def test_every_error_the_stdlib_would_answer_in_html_is_json(server, data, status):
+    answer = Raw(server).request(data)
+    assert_json_error(answer, status, closes=True)
+    assert b"<" not in answer.body
 
 
 # --- 3: every verb reaches the router -----------------------------------------------------
@@ -640,15 +657,12 @@ def test_every_answer_carries_nosniff_and_a_date(server):
 # --- 11: logging --------------------------------------------------------------------------
 
 
-def test_the_stdlib_log_methods_go_to_logging_not_stderr(caplog, capfd):
-    handler = object.__new__(Handler)
-    handler.client_address, handler.requestline = ("192.0.2.7", 4242), "GET /x HTTP/1.1"
-    caplog.set_level(logging.DEBUG, logger="dataproc.server")
-    handler.log_request(200)
-    handler.log_error("code %d, message %s", 400, "bad")
-    messages = [r.getMessage() for r in caplog.records if r.name == "dataproc.server"]
-    assert any("GET /x HTTP/1.1" in m and "192.0.2.7" in m for m in messages)
-    assert any("code 400, message bad" in m for m in messages)
+def test_protocol_errors_and_failures_go_to_logging_not_stderr(server, caplog, capfd):
+    caplog.set_level(logging.DEBUG, logger="dataproc")
+    Raw(server).request(b"GET /x HTTP/1.1\r\nBad Name: v\r\n\r\n")
+    Raw(server).request(get("/boom"))
+    assert any(r.name == "dataproc.access" and r.status == 400 for r in caplog.records)
+    assert any(r.exc_info and "unexpected" in str(r.exc_info[1]) for r in caplog.records)
     assert capfd.readouterr().err == ""
 
 
