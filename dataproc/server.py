@@ -39,7 +39,6 @@ import selectors
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from enum import Enum
 
@@ -107,11 +106,13 @@ class HttpServer:
         self.socket.setblocking(False)  # workers sharing it get EAGAIN, never block in accept
         self.server_address = self.socket.getsockname()
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+        # The loop waits in the selector; workers put a channel back into it directly (epoll
+        # and kqueue take a registration from another thread during a wait), under `_lock`.
         self._selector = selectors.DefaultSelector()
+        self._parked: dict[socket.socket, Channel] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._returned: deque[Channel] = deque()  # channels the workers gave back
         self._tasks: queue.SimpleQueue[Channel | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -140,8 +141,7 @@ class HttpServer:
         next_sweep = time.monotonic() + SWEEP_S
         try:
             while not self._stop:
-                parked = len(self._selector.get_map()) > 2  # more than the two sockets of ours
-                timeout = min(poll_interval, SWEEP_S) if parked else poll_interval
+                timeout = min(poll_interval, SWEEP_S) if self._parked else poll_interval
                 for key, _ in self._selector.select(timeout):
                     if key.fileobj is self.socket:
                         self._accept()
@@ -149,7 +149,6 @@ class HttpServer:
                         self._drain_wakeups()
                     else:
                         self._readable(key.data)
-                self._adopt_returned()
                 if (now := time.monotonic()) >= next_sweep:
                     self._expire(now)
                     next_sweep = now + SWEEP_S
@@ -174,14 +173,10 @@ class HttpServer:
             if self._closed:
                 return
             self._closed = True
-            returned = list(self._returned)
-            self._returned.clear()
+            parked = list(self._parked.values())
         self.socket.close()
-        for key in list(self._selector.get_map().values()):
-            if isinstance(key.data, Channel):
-                self._unpark(key.data)
-                self._close(key.data)
-        for channel in returned:
+        for channel in parked:
+            self._unpark(channel)
             self._close(channel)
         for _ in self._threads:
             self._tasks.put(None)  # each worker leaves after the request it is serving
@@ -234,21 +229,34 @@ class HttpServer:
             return
         if self._start_linger(channel):
             self._park(channel)
+        else:
+            self._close(channel)
 
     def _park(self, channel: Channel) -> None:
-        """Wait in the selector for the rest of a request head, or for the next request."""
+        """Wait in the selector for the rest of a request head, or for the next request
+        (from the loop or a worker). Under the lock that `drain` and `server_close` take: a
+        channel is either parked before they look, or closed here; none is left open with
+        no loop to watch it."""
         if not channel.lingering:
             channel.deadline = time.monotonic() + self.config.socket_timeout_s
-        try:
-            self._selector.register(channel.sock, selectors.EVENT_READ, channel)
-        except (ValueError, OSError):  # closed meanwhile (drain)
+        with self._lock:
+            parked = not (self._closed or (self.draining and not channel.lingering))
+            if parked:
+                try:
+                    self._selector.register(channel.sock, selectors.EVENT_READ, channel)
+                    self._parked[channel.sock] = channel
+                except (ValueError, OSError):  # the client's socket is already gone
+                    parked = False
+        if not parked:
             self._close(channel)
 
     def _unpark(self, channel: Channel) -> None:
-        try:
-            self._selector.unregister(channel.sock)
-        except (KeyError, ValueError):
-            pass
+        with self._lock:
+            if self._parked.pop(channel.sock, None) is not None:
+                try:
+                    self._selector.unregister(channel.sock)
+                except (KeyError, ValueError):
+                    pass
 
     def _readable(self, channel: Channel) -> None:
         try:
@@ -276,10 +284,9 @@ class HttpServer:
 
     def _expire(self, now: float) -> None:
         """Close silent connections; a half-sent head goes to a worker for its 408."""
-        for key in list(self._selector.get_map().values()):
-            channel = key.data
-            if not isinstance(channel, Channel) or channel.deadline > now:
-                continue
+        with self._lock:
+            expired = [c for c in self._parked.values() if c.deadline <= now]
+        for channel in expired:
             self._unpark(channel)
             if channel.buffer and not channel.lingering:  # the worker answers 408 (or 4xx)
                 self._dispatch(channel)
@@ -290,14 +297,6 @@ class HttpServer:
         with self._lock:
             self._busy += 1
         self._tasks.put(channel)
-
-    def _adopt_returned(self) -> None:
-        while self._returned:
-            channel = self._returned.popleft()
-            if not channel.lingering and protocol.head_end(channel.buffer) >= 0:
-                self._dispatch(channel)
-            else:
-                self._park(channel)
 
     def _wake(self) -> None:
         try:
@@ -337,21 +336,14 @@ class HttpServer:
         """Give the channel back to the loop, or close it (always when draining)."""
         if after is Next.LINGER and not self._start_linger(channel):
             after = Next.CLOSE
-        if after is not Next.CLOSE:
-            channel.sock.setblocking(False)
+        if after is Next.CLOSE:
+            self._close(channel)
+        else:
+            self._park(channel)
         with self._lock:
             self._busy -= 1
             if not self._busy:
                 self._idle.notify_all()
-            # Under the lock that `drain` and `server_close` take: a channel is either handed
-            # back before they look, or closed here; none is left open with no loop to watch it.
-            keep = after is not Next.CLOSE and not self.draining and not self._closed
-            if keep:
-                self._returned.append(channel)
-        if keep:
-            self._wake()
-        else:
-            self._close(channel)
 
     def _start_linger(self, channel: Channel) -> bool:
         """Lingering close (RFC 9112 §9.6): after an early answer (413, 414, 431, 503...),
@@ -364,6 +356,7 @@ class HttpServer:
             return False
         channel.lingering = True
         channel.deadline = time.monotonic() + min(LINGER_S, self.config.socket_timeout_s)
+        channel.buffer.clear()
         return True
 
     def _close(self, channel: Channel) -> None:
@@ -422,16 +415,11 @@ class HttpServer:
 
     def _read_body(self, channel: Channel, head: RequestHead) -> bytes:
         if head.expect_continue:  # sharp edge 6: only now, after every check
-            channel.sock.settimeout(self.config.socket_timeout_s)
-            channel.sock.sendall(protocol.CONTINUE)
+            _send_all(channel.sock, protocol.CONTINUE, self._write_deadline())
         length = head.content_length
         deadline = channel.deadline  # the head's deadline bounds the whole request
         while len(channel.buffer) < length:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ProtocolError(408, "request not received in time")
-            channel.sock.settimeout(remaining)
-            data = channel.sock.recv(RECV_BYTES)
+            data = _receive_some(channel.sock, deadline)
             if not data:
                 raise _ClientGone()
             channel.buffer += data
@@ -448,7 +436,6 @@ class HttpServer:
         close = response.close or self.draining or head is None or not head.keep_alive
         head_only = request.method == "HEAD"  # sharp edge 4: GET's headers, no body
         response = _encode(request, response)
-        channel.sock.settimeout(self.config.socket_timeout_s)  # sharp edge 7: bounded writes
         if response.stream is not None:
             return self._send_stream(channel, request, response, version, close, head_only)
         return self._send_whole(channel, request, response, version, close, head_only)
@@ -471,7 +458,7 @@ class HttpServer:
             version=version,
             head_only=head_only,
         )
-        channel.sock.sendall(data)  # sharp edge 17: one write
+        _send_all(channel.sock, data, self._write_deadline())  # sharp edge 17: one write
         if response.close:  # refused mid-request: the client may still be sending
             return Next.LINGER, len(response.body)
         return (Next.CLOSE if close else Next.KEEP), len(response.body)
@@ -495,7 +482,8 @@ class HttpServer:
         after = Next.CLOSE if close else Next.KEEP
         try:
             if head_only:
-                channel.sock.sendall(self._stream_head(response, request, version, close))
+                head = self._stream_head(response, request, version, close)
+                _send_all(channel.sock, head, self._write_deadline())
                 return after, 0
             try:
                 first = _first_chunk(stream)
@@ -503,22 +491,28 @@ class HttpServer:
                 failed = _encode(request, _failure(request, error))
                 return self._send_whole(channel, request, failed, version, close, head_only)
             head = self._stream_head(response, request, version, close)
-            channel.sock.sendall(head + (protocol.chunk(first) if chunked and first else first))
+            data = head + (protocol.chunk(first) if chunked and first else first)
+            _send_all(channel.sock, data, self._write_deadline())
             sent = len(first)
             try:
                 while (data := _next_chunk(stream)) is not None:
                     if _peer_closed(channel.sock):
                         raise _ClientGone()
-                    channel.sock.sendall(protocol.chunk(data) if chunked else data)
+                    framed = protocol.chunk(data) if chunked else data
+                    _send_all(channel.sock, framed, self._write_deadline())
                     sent += len(data)
             except _StreamFailed:
                 log.exception("stream failed after the first byte [%s]", request.request_id)
                 return Next.CLOSE, sent  # no last chunk: the client sees a truncated body
             if chunked:
-                channel.sock.sendall(protocol.LAST_CHUNK)
+                _send_all(channel.sock, protocol.LAST_CHUNK, self._write_deadline())
             return after, sent
         finally:
             _close_iterator(stream)
+
+    def _write_deadline(self) -> float:
+        """Sharp edge 7: each write (a whole response, or one chunk) within the timeout."""
+        return time.monotonic() + self.config.socket_timeout_s
 
     def _stream_head(
         self, response: Response, request: Request, version: tuple[int, int], close: bool
@@ -589,15 +583,45 @@ def _close_iterator(stream: Iterator[bytes]) -> None:
 
 def _peer_closed(sock: socket.socket) -> bool:
     """True when the client has closed its end (EOF or reset) while we stream to it."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    if not readable:
-        return False
     try:
         return sock.recv(1, socket.MSG_PEEK) == b""
     except (BlockingIOError, InterruptedError):
         return False
     except OSError:
         return True
+
+
+def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """`sendall` on a non-blocking socket, bounded by `deadline` (TimeoutError past it). A
+    response that fits the socket buffer is one `send`: no mode switch, no extra call."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except (BlockingIOError, InterruptedError):
+            _wait_for(sock, select.POLLOUT, deadline)
+            continue
+        view = view[sent:]
+
+
+def _receive_some(sock: socket.socket, deadline: float) -> bytes:
+    """Some bytes from a non-blocking socket (b"" at EOF); `ProtocolError(408)` past it."""
+    while True:
+        try:
+            return sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            try:
+                _wait_for(sock, select.POLLIN, deadline)
+            except TimeoutError:
+                raise ProtocolError(408, "request not received in time") from None
+
+
+def _wait_for(sock: socket.socket, events: int, deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    poller = select.poll()
+    poller.register(sock, events)
+    if remaining <= 0 or not poller.poll(remaining * 1000):
+        raise TimeoutError()
 
 
 def _failure(request: Request, error: Exception) -> Response:
