@@ -51,9 +51,10 @@ class Config:
     metrics_enabled: bool = True
     max_connections: int = 512
     # Threads that run requests; idle keep-alive connections wait in a selector, not here.
-    # Past the database pool they mostly wait for a connection, and each runnable one more
-    # shares the GIL: four per core covers the pool, bcrypt logins and a stream or two.
-    threads: int = 4 * (os.cpu_count() or 1)
+    # A thread that waits (for a pool connection, a bcrypt slot, a slow client's write)
+    # holds its place, so keep well above db_pool_size + login_concurrency + exports; a
+    # waiting thread costs no CPU, a runnable one shares the GIL. Eight per core.
+    threads: int = 8 * (os.cpu_count() or 2)
     listen_backlog: int = 1024
     socket_timeout_s: float = 15.0
     max_request_line_bytes: int = 8192

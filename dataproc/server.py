@@ -124,6 +124,7 @@ class HttpServer:
         self._stopped.set()
         self._closed = False
         self.draining = False
+        self._start_workers()  # now, so a thread count taken after start-up includes them
 
     @property
     def port(self) -> int:
@@ -135,7 +136,6 @@ class HttpServer:
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept and park connections until `shutdown()`; workers serve complete requests."""
         self._stopped.clear()
-        self._start_workers()
         self._selector.register(self.socket, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         next_sweep = time.monotonic() + SWEEP_S
@@ -491,8 +491,8 @@ class HttpServer:
                 failed = _encode(request, _failure(request, error))
                 return self._send_whole(channel, request, failed, version, close, head_only)
             head = self._stream_head(response, request, version, close)
-            data = head + (protocol.chunk(first) if chunked and first else first)
-            _send_all(channel.sock, data, self._write_deadline())
+            opening = head + (protocol.chunk(first) if chunked and first else first)
+            _send_all(channel.sock, opening, self._write_deadline())
             sent = len(first)
             try:
                 while (data := _next_chunk(stream)) is not None:
