@@ -80,7 +80,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "api": frozenset(
         {"web", "auth", "ingest", "store", "openapi", "errors", "config", "rfc3339", "metrics"}
     ),
-    "server": frozenset({"web", "errors", "config"}),
+    "protocol": frozenset({"config"}),  # pure HTTP/1.1 bytes: limits come from Config
+    "server": frozenset({"protocol", "web", "errors", "config"}),
     # Modules DESIGN.md's table does not list.
     "static": LEAF,  # a package only so importlib.resources finds docs.html
     "logs": LEAF,
