@@ -109,12 +109,12 @@ def connect(config: Config, database: Database, *, max_size: int | None = None) 
 
 def start_simulated_upstream(host: str = "127.0.0.1"):
     """The simulated upstream on loopback, on its default port or any free one."""
-    from . import simsource  # not on any request path; imported only for zero configuration
+    from .upstream import simulated  # not on any request path; only for zero configuration
 
     try:
-        server, url = simsource.start_in_thread(host, simsource.DEFAULT_PORT)
+        server, url = simulated.start_in_thread(host, simulated.DEFAULT_PORT)
     except OSError:
-        server, url = simsource.start_in_thread(host, 0)
+        server, url = simulated.start_in_thread(host, 0)
     log.info("no upstream configured (SERVER_URL): started the simulated upstream at %s", url)
     return server, url
 

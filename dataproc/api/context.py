@@ -1,0 +1,39 @@
+"""What every handler is handed: the configuration, the pool, the upstream and the login guards."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from psycopg_pool import ConnectionPool
+
+from .. import auth, ingest
+from ..config import Config
+from ..metrics import Metrics
+
+
+@dataclass
+class Context:
+    """What handlers need: configuration, the pool, the upstream, and the login guards."""
+
+    config: Config
+    pool: ConnectionPool
+    upstream_url: str | None
+    clock: Callable[[], float] = time.time
+    on_outcome: Callable[[str], None] | None = None
+    metrics: Metrics | None = None  # served at /metrics; None (or DATAPROC_METRICS=false): 404
+    throttle: auth.LoginThrottle = field(init=False)
+    checker: auth.PasswordChecker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.throttle = auth.LoginThrottle(
+            self.config.login_max_failures, self.config.login_window_s
+        )
+        self.checker = auth.PasswordChecker(self.config)
+
+    def ingestor(self) -> ingest.Ingestor:
+        """An ingestor for the configured upstream."""
+        return ingest.Ingestor(
+            self.config, self.pool, self.upstream_url, clock=self.clock, on_outcome=self.on_outcome
+        )
