@@ -404,8 +404,9 @@ def test_compose_stop_ends_the_service_with_status_0_within_its_grace(stack, wal
     result = stack.compose("stop", timeout=STOP_GRACE_S + 60)
     print(f"\ncontainer: `compose stop` took {time.monotonic() - started:.1f} s")
     assert result.returncode == 0, result.stderr
-    state = stack.engine.inspect(stack.container("dataproc"))[0]["State"]
-    assert not state["Running"] and state["ExitCode"] == 0, state  # 137 would be a SIGKILL
+    for service in ("dataproc", "source", "postgres"):  # 137 would be a SIGKILL at the grace
+        state = stack.engine.inspect(stack.container(service))[0]["State"]
+        assert not state["Running"] and state["ExitCode"] == 0, (service, state)
     assert "stopped" in stack.compose("logs", "dataproc").stdout  # it drained, then said so
     stack.compose("start")
     assert walkthrough["populate"][1]["id"] in _point_ids(stack)
