@@ -3,7 +3,7 @@
 Not collected by pytest. Needs `wrk` (installed with apt-get when missing and run as root)
 and the `embedded` extra. Run from the repository root:
 
-    python bench/bench.py                                  # 10,000 rows, ~5 minutes
+    python bench/bench.py                                  # 10,000 rows, ~6 minutes
     python bench/bench.py --seconds 5 --rounds 2 --markdown --out bench.json
     python bench/bench.py --only hot,cold                  # some scenarios only
 
@@ -251,9 +251,13 @@ class Bench:
         self.same_page = self.compare_pages()
 
     def compare_pages(self) -> bool | None:
-        """Whether the original's first page holds the same points as dataproc's."""
+        """Whether the original's first page, and a window in the middle of the day, hold the
+        same points as dataproc's (None: the original is not running)."""
         if "original" not in self.programs:
             return None
+        with store.connection(self.pool) as conn:
+            middle = conn.execute("SELECT min(time) + (max(time) - min(time)) / 2 FROM data_points")
+            start = middle.fetchone()[0].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
         def points(raw: bytes) -> list[tuple]:
             return [
@@ -261,10 +265,11 @@ class Bench:
                 for p in json.loads(raw)
             ]
 
-        ours, theirs = (points(self.programs[n].get(PAGE)) for n in ("dataproc", "original"))
-        if len(ours) != 100 or ours != theirs:
-            self.log("WARNING: the original's first page differs from dataproc's")
-            return False
+        for path in (PAGE, COLD_PREFIX + start):
+            ours, theirs = (points(self.programs[n].get(path)) for n in ("dataproc", "original"))
+            if len(ours) != 100 or ours != theirs:
+                self.log(f"WARNING: the original's answer to {path} differs from dataproc's")
+                return False
         return True
 
     def close(self) -> None:
@@ -293,6 +298,7 @@ class Runner:
         self.cold_position = 0
 
     def record(self, key: str, name: str, figures: dict) -> None:
+        figures["load_1m"] = os.getloadavg()[0]  # the machine is shared: how busy it was
         self.figures.setdefault(key, {}).setdefault(name, []).append(figures)
         shown = {k: v for k, v in figures.items() if k != "requests"}
         self.bench.log(f"  {key} {name}: {json.dumps(shown)}")
@@ -361,13 +367,15 @@ class Runner:
         )
 
     def reads(self, scenario: str) -> None:
-        """hot or cold: every program at each connection count, rounds alternating."""
+        """hot or cold: every program at each connection count, round after round."""
         names = [n for n in ("original", "dataproc", "workers2") if n in self.bench.programs]
         names += ["trivial", "psycopg"] if scenario == "hot" else ["psycopg"]
         for name in names:  # warm-up (caches, JIT-less but lazy imports, pools), not counted
             self.one(name, scenario, CONNECTIONS[0], 1)
-        for connections in CONNECTIONS:
-            for _ in range(self.args.rounds):
+        # Within a round every program runs at each connection count, so the ratios between
+        # programs and between 64 and 16 connections all pair runs made minutes apart at most.
+        for _ in range(self.args.rounds):
+            for connections in CONNECTIONS:
                 for name in names:
                     key = f"{scenario}@{connections}"
                     self.record(key, name, self.one(name, scenario, connections, self.args.seconds))
@@ -491,8 +499,24 @@ COLUMNS = (
 )
 
 
+def headline(report: dict) -> str:
+    """What was run, where, for how long, and how busy the machine was meanwhile."""
+    loads = [
+        r["load_1m"] for runs in report["figures"].values() for rs in runs.values() for r in rs
+    ]
+    status = report["original"]
+    shown = "ran" if status["ran"] else f"SKIPPED ({status.get('skipped', '')})"
+    load = f"; 1-min load average {span(loads, '{:.1f}')} during it" if loads else ""
+    return (
+        f"Run of {report['date']} on {report['machine']}: {report['rows']:,} rows, "
+        f"{report['args']['rounds']} rounds of {report['args']['seconds']:g} s, "
+        f"{report['duration_s']:.0f} s in all{load}; original: {shown}; page bytes "
+        + ", ".join(f"{k} {v:,}" for k, v in report["page_bytes"].items())
+    )
+
+
 def markdown(report: dict) -> str:
-    figures, lines = report["figures"], []
+    figures, lines = report["figures"], [headline(report), ""]
     lines.append("| scenario | " + " | ".join(title for _, title in COLUMNS) + " |")
     lines.append("|---" * (len(COLUMNS) + 1) + "|")
     for scenario in ("hot", "cold"):
@@ -560,8 +584,11 @@ def markdown(report: dict) -> str:
 
 def ensure_wrk() -> str | None:
     """wrk's path, installing it with apt-get when missing and allowed (root)."""
+    install = ["apt-get", "install", "-y", "-q", "wrk"]
     if not shutil.which("wrk") and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], capture_output=True, check=False)
+        if subprocess.run(install, capture_output=True, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=False)
+            subprocess.run(install, capture_output=True, check=False)
     return shutil.which("wrk")
 
 
@@ -574,7 +601,7 @@ def parse_args(argv=None):
         "--only", default=",".join(SCENARIOS), help="comma-separated: " + ",".join(SCENARIOS)
     )
     parser.add_argument("--out", default="bench-results.json", help="where the JSON goes")
-    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    parser.add_argument("--markdown", action="store_true", help="print tables for the README")
     args = parser.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SCENARIOS)
@@ -638,12 +665,10 @@ def main(argv=None) -> int:
         "ratios": ratios(runner.figures),
     }
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-    print(
-        f"\n{args.rows:,} rows, {args.rounds} rounds of {args.seconds:g} s, {report['duration_s']} s in all; "
-        f"original: {'ran' if bench.original_status['ran'] else 'SKIPPED: ' + bench.original_status.get('skipped', '')}; "
-        f"page bytes {bench.page_bytes}; JSON in {args.out}"
-    )
-    print(markdown(report) if args.markdown else json.dumps(report["ratios"], indent=1))
+    print(f"\nJSON in {args.out}")
+    print(markdown(report) if args.markdown else headline(report))
+    if not args.markdown:
+        print(json.dumps(report["ratios"], indent=1))
     return 0
 
 
