@@ -27,10 +27,17 @@ ADMIN = (
     "admin",
 )  # the admin its init.sql inserts (README: username admin, password admin)
 
-# The columns both schemas share; the rows are copied in (time, id) order, so its heap order
-# (it reads without ORDER BY) is the same oldest-first order dataproc pages in.
-COPY_OUT = "COPY (SELECT time, value, valid, tags FROM data_points ORDER BY time, id) TO STDOUT"
-COPY_IN = "COPY data_points (time, value, valid, tags) FROM STDIN"
+# The columns both schemas share, numbered in dataproc's (time, id) order. It reads without
+# ORDER BY, so its pages follow the heap: the rows must lie there oldest first, as its own
+# populate leaves them. COPY straight into the table would not do that (a bulk load extends
+# the table many pages at a time and fills them out of order), so the rows land in a
+# temporary table and are inserted from it in order.
+COPY_OUT = """COPY (SELECT row_number() OVER (ORDER BY time, id), time, value, valid, tags
+               FROM data_points) TO STDOUT"""
+STAGE = "CREATE TEMP TABLE incoming (n bigint, time timestamptz, value float8, valid bool, tags varchar[])"
+COPY_IN = "COPY incoming FROM STDIN"
+INSERT_IN_ORDER = """INSERT INTO data_points (time, value, valid, tags)
+SELECT time, value, valid, tags FROM incoming ORDER BY n"""
 # What must match between the two databases for "the same rows".
 FINGERPRINT = """SELECT count(*), count(*) FILTER (WHERE valid), min(time), max(time),
   md5(string_agg(time::text || value::text || valid::text || coalesce(tags::text, ''), ','
@@ -98,14 +105,16 @@ def run_init_sql(admin_uri: str, database_uri) -> None:
 
 def copy_rows(source_uri: str, target_uri: str) -> tuple:
     """Copy dataproc's rows into its database; returns the fingerprint both now share."""
-    # Autocommit: the COPY commits on its own, and VACUUM cannot run in a transaction.
+    # Autocommit: each statement commits on its own, and VACUUM cannot run in a transaction.
     with (
         psycopg.connect(source_uri) as source,
         psycopg.connect(target_uri, autocommit=True) as target,
     ):
+        target.execute(STAGE)
         with source.cursor().copy(COPY_OUT) as out, target.cursor().copy(COPY_IN) as into:
             for block in out:
                 into.write(block)
+        target.execute(INSERT_IN_ORDER)
         target.execute("VACUUM (ANALYZE) data_points")
         ours, theirs = (c.execute(FINGERPRINT).fetchone() for c in (source, target))
     if ours != theirs:
