@@ -69,8 +69,10 @@ def venv(log) -> Path:
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
-            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-            raise Unavailable(f"`{' '.join(step[-3:])}` failed: {tail}")
+            shutil.rmtree(home, ignore_errors=True)
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            errors = [line for line in lines if line.startswith("ERROR")] or lines[-2:]
+            raise Unavailable(f"`{' '.join(step[-3:])}` failed: {' | '.join(errors)[:400]}")
     (home / ".complete").write_text(key + "\n")
     return python
 
