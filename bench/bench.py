@@ -533,71 +533,70 @@ def headline(report: dict) -> str:
     )
 
 
+def throughput(rounds: list[dict] | None) -> str:
+    """`low–high req/s, p99 low–high ms` over rounds (and the errors, when there were any)."""
+    if not rounds:
+        return ""
+    text = f"{span([r['rps'] for r in rounds])} req/s, p99 {span([r['p99_ms'] for r in rounds], '{:.0f}')} ms"
+    errors = sum(r["errors"] for r in rounds)
+    return text + (f", {errors:,} non-2xx or errors" if errors else "")
+
+
+def cores(rounds: list[dict] | None) -> str:
+    """`service + PostgreSQL` cores over rounds."""
+    if not rounds:
+        return ""
+    service, postgres = ([r["cores"][k] for r in rounds] for k in ("service", "postgres"))
+    return f"{span(service, '{:.2f}')} + {span(postgres, '{:.2f}')}"
+
+
+def table(title: str, rows: list[tuple[str, list[str]]], columns: list[str]) -> list[str]:
+    """A Markdown table; rows with no figure at all are left out."""
+    lines = [f"| {title} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows if any(cells)]
+    return lines + [""]
+
+
+OTHER = (  # (figures key, label, format, field) for the single-figure rows
+    ("startup", "launch → first 200 (/healthz; original: /docs), s", "{:.2f}", "alive_s"),
+    ("startup", "launch → first 200 of /api/data, s", "{:.2f}", "data_s"),
+    ("rss_idle", "RSS idle, MB", "{:.0f}", "mb"),
+    ("rss_after_load", "RSS after load, MB", "{:.0f}", "mb"),
+)
+
+
 def markdown(report: dict) -> str:
-    figures, lines = report["figures"], [headline(report), ""]
-    lines.append("| scenario | " + " | ".join(title for _, title in COLUMNS) + " |")
-    lines.append("|---" * (len(COLUMNS) + 1) + "|")
-    for scenario in ("hot", "cold"):
-        for c in CONNECTIONS:
-            key, cells = f"{scenario}@{c}", []
-            for name, _ in COLUMNS:
-                rounds = figures.get(key, {}).get(name)
-                cells.append(
-                    f"{span([r['rps'] for r in rounds])} req/s, p99 {span([r['p99_ms'] for r in rounds], '{:.0f}')} ms"
-                    + (
-                        f", {sum(r['errors'] for r in rounds)} errors"
-                        if any(r["errors"] for r in rounds)
-                        else ""
-                    )
-                    if rounds
-                    else ""
-                )
-            if any(cells):
-                lines.append(f"| {scenario} @{c} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| cores used (service + PostgreSQL) | " + " | ".join(t for _, t in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
+    """The report as README-ready tables: reads, cores, ratios, then everything else."""
+    figures = report["figures"]
+    titles = [title for _, title in COLUMNS]
+    reads = [f"{s}@{c}" for s in ("hot", "cold") for c in CONNECTIONS]
+    lines = [headline(report), ""]
+    lines += table(
+        "scenario",
+        [(k, [throughput(figures.get(k, {}).get(n)) for n, _ in COLUMNS]) for k in reads],
+        titles,
+    )
+    lines += table(
+        "cores used (service + PostgreSQL)",
+        [(k, [cores(figures.get(k, {}).get(n)) for n, _ in COLUMNS]) for k in reads],
+        titles,
+    )
+    ratio_rows = [(label, [f"{span(v, '{:.2f}')}×"]) for label, v in report["ratios"].items()]
+    lines += table("ratio (within each round)", ratio_rows, ["min–max"])
+    other = [
+        (f"dataproc {k}", [throughput(figures.get(k, {}).get("dataproc"))])
+        for k in (f"{s}@{c}" for s in ("populate", "login") for c in CONNECTIONS)
     ]
-    for key in (f"{s}@{c}" for s in ("hot", "cold") for c in CONNECTIONS):
-        cells = []
-        for name, _ in COLUMNS:
-            rounds = figures.get(key, {}).get(name)
-            cells.append(
-                f"{span([r['cores']['service'] for r in rounds], '{:.2f}')} + {span([r['cores']['postgres'] for r in rounds], '{:.2f}')}"
-                if rounds
-                else ""
-            )
-        if any(cells):
-            lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    if report["ratios"]:
-        lines += ["", "| ratio (within each round) | min–max |", "|---|---|"]
-        lines += [
-            f"| {label} | {span(values, '{:.2f}')}× |" for label, values in report["ratios"].items()
-        ]
-    other = []
-    for key in (f"{s}@{c}" for s in ("populate", "login") for c in CONNECTIONS):
-        rounds = figures.get(key, {}).get("dataproc")
-        if rounds:
-            other.append(
-                f"| dataproc {key} | {span([r['rps'] for r in rounds])} req/s, p99 {span([r['p99_ms'] for r in rounds], '{:.0f}')} ms, {sum(r['errors'] for r in rounds)} non-2xx/errors |"
-            )
-    for key, label, fmt, field in (
-        ("startup", "launch → first 200 (/healthz; original: /docs), s", "{:.2f}", "alive_s"),
-        ("startup", "launch → first 200 of /api/data, s", "{:.2f}", "data_s"),
-        ("rss_idle", "RSS idle, MB", "{:.0f}", "mb"),
-        ("rss_after_load", "RSS after load, MB", "{:.0f}", "mb"),
-    ):
+    for key, label, fmt, field in OTHER:
         for name, rounds in figures.get(key, {}).items():
-            other.append(f"| {name}: {label} | {span([r[field] for r in rounds], fmt)} |")
+            other.append((f"{name}: {label}", [span([r[field] for r in rounds], fmt)]))
     if "populate_rows" in figures:
         added = figures["populate_rows"]["dataproc"][0]
         other.append(
-            f"| dataproc populate: rows added / 2xx | {added['added']:,} / {added['2xx']:,} |"
+            ("dataproc populate: rows added / 2xx", [f"{added['added']:,} / {added['2xx']:,}"])
         )
-    if other:
-        lines += ["", "| other | figure |", "|---|---|", *other]
-    return "\n".join(lines)
+    lines += table("other", other, ["figure"])
+    return "\n".join(lines).rstrip()
 
 
 def ensure_wrk() -> str | None:
