@@ -102,7 +102,8 @@ class Poller:
             if self._leader:
                 conn.execute(STILL_HERE)  # the lock lives exactly as long as this session
                 return True
-            self._leader = bool(conn.execute(TRY_POLLER_LOCK, (POLLER_LOCK_KEY,)).fetchone()[0])
+            row = conn.execute(TRY_POLLER_LOCK, (POLLER_LOCK_KEY,)).fetchone()
+            self._leader = bool(row and row[0])  # a SELECT of one function: always one row
         except psycopg.Error as error:
             log.warning(
                 "poller lock connection failed (%s)%s",
