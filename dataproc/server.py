@@ -51,7 +51,6 @@ from .web import Request, Response, error_response
 log = logging.getLogger("dataproc.server")
 access_log = logging.getLogger("dataproc.access")
 
-SERVER_NAME = protocol.SERVER_NAME
 LINGER_S = 1.0  # at most this long (and LINGER_MAX_BYTES) reading a refused request's rest
 LINGER_MAX_BYTES = 1 << 20
 RECV_BYTES = 65536
@@ -719,7 +718,7 @@ def _encode(request: Request, response: Response) -> Response:
     if not use_gzip:
         return Response(response.status, response.body, headers, response.close, response.stream)
     if response.stream is not None:
-        stream = protocol.gzip_stream(response.stream)
+        stream = protocol.GzipStream(response.stream)
         return Response(response.status, b"", headers, response.close, stream)
     return Response(response.status, protocol.gzip_body(response.body), headers, response.close)
 
