@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from dataproc import simsource, store
+from dataproc import store
+from dataproc.upstream import simulated
 from support import Client, create_user, login, make_config
 
 
@@ -54,7 +55,9 @@ def clean_db(pool):
     """Empty tables and the schema re-applied (the default admin back), before the test."""
     with store.connection(pool) as conn:
         # dataproc_state too: it records that the default admin was seeded, once per database.
-        conn.execute("TRUNCATE data_points, rejects, sessions, users, dataproc_state RESTART IDENTITY")
+        conn.execute(
+            "TRUNCATE data_points, rejects, sessions, users, dataproc_state RESTART IDENTITY"
+        )
     store.apply_schema(pool)
     return pool
 
@@ -62,7 +65,7 @@ def clean_db(pool):
 @pytest.fixture(scope="session")
 def upstream():
     """The simulated upstream on an ephemeral port: (server, base URL)."""
-    server, url = simsource.start_in_thread("127.0.0.1", 0, seed=1234)
+    server, url = simulated.start_in_thread("127.0.0.1", 0, seed=1234)
     yield server, url
     server.shutdown()
     server.server_close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import auth, source
+from .. import auth
 from ..errors import ApiError, ValidationError, problem
 from ..store import sessions as session_store
 from ..web import Request, Response, path_param
@@ -31,7 +31,7 @@ def _account(account: session_store.Account) -> dict[str, Any]:
     return {
         "username": account.username,
         "role": account.role,
-        "created_at": source.format_time(account.created_at),
+        "created_at": account.created_at,
     }
 
 

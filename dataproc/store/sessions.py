@@ -191,15 +191,18 @@ class Account:
 
     username: str
     role: str
-    created_at: datetime
+    created_at: str  # RFC 3339, UTC, "Z"
 
 
 class LastAdmin(Exception):
     """The change would leave no admin."""
 
 
-SELECT_USERS = """
-SELECT username, role, created_at FROM users WHERE hashed_password <> %s
+# created_at as RFC 3339 UTC text, a fraction only when not zero (PostgreSQL's JSON
+# timestamps trim it so), as data points show their time.
+_CREATED_AT = "btrim(to_json(created_at AT TIME ZONE 'UTC')::text, '\"') || 'Z'"
+SELECT_USERS = f"""
+SELECT username, role, {_CREATED_AT} FROM users WHERE hashed_password <> %s
 ORDER BY username OFFSET %s LIMIT %s"""
 # Every admin row locked, in one order (no deadlock between two admins' transactions), with
 # FOR NO KEY UPDATE so that logins (whose session insert takes KEY SHARE) are not blocked.
@@ -208,10 +211,10 @@ ORDER BY username OFFSET %s LIMIT %s"""
 LOCK_ADMINS = "SELECT id FROM users WHERE role = 'admin' ORDER BY id FOR NO KEY UPDATE"
 LOCK_USER = """
 SELECT id, role FROM users WHERE username = %s AND hashed_password <> %s FOR NO KEY UPDATE"""
-UPDATE_USER = """
+UPDATE_USER = f"""
 UPDATE users SET role = coalesce(%(role)s, role),
   hashed_password = coalesce(%(hashed)s, hashed_password)
-WHERE id = %(id)s RETURNING username, role, created_at"""
+WHERE id = %(id)s RETURNING username, role, {_CREATED_AT}"""
 DELETE_USER = "DELETE FROM users WHERE id = %s"
 
 
