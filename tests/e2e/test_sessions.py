@@ -11,11 +11,12 @@ from __future__ import annotations
 import threading
 import time
 
-import jwt as pyjwt
 import pytest
 
 from dataproc import store
 from support import ACCESS_KEY, REFRESH_KEY, Client, create_user, login
+
+pyjwt = pytest.importorskip("jwt", reason="pip install PyJWT (a test-only tool)")
 
 
 def claims_of(token: str, key: str) -> dict:
