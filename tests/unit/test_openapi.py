@@ -45,7 +45,7 @@ def resolve(doc: dict, node: dict) -> dict:
 
 def test_every_route_is_in_openapi_and_every_documented_operation_is_routed():
     # Routing never touches the pool, so no database is needed to list the routes.
-    ctx = api.Context(make_config(None), None, None, metrics=Metrics("test"))
+    ctx = api.Context(make_config(None), None, metrics=Metrics("test"))
     routed = {
         (method, path)
         for path, methods in api.build_router(ctx).routes().items()
