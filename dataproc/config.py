@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from . import rules
+
 T = TypeVar("T")
 
 
@@ -252,8 +254,8 @@ class Config:
     )
     password_min_bytes: int = setting(
         "DATAPROC_PASSWORD_MIN_BYTES",
-        8,
-        _int_in(1, 72),
+        rules.DEFAULT_PASSWORD_MIN_BYTES,
+        _int_in(1, rules.MAX_PASSWORD_BYTES),
         "shortest password accepted at signup",
         unit="bytes",
     )

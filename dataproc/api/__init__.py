@@ -15,13 +15,11 @@ from functools import partial
 from ..errors import ApiError
 from ..web import Request, Response, Router
 from . import accounts, data, ingestion, service
-from .accounts import USERNAME
 from .context import Context
 from .params import decode_cursor, encode_cursor, parse_data_query
 
 __all__ = [
     "ROUTES",
-    "USERNAME",
     "Context",
     "build_router",
     "decode_cursor",
