@@ -2,15 +2,15 @@
 
 Owns: the access/refresh token pair (claims of API.md: sub, role, type, iat, exp, jti), the
 checks on an `Authorization` header, the bound on concurrent bcrypt checks and the throttle on
-repeated login failures. Leaves the HS256 mechanics to `jwt`, bcrypt to `passwords`, and every
-SQL statement to `store`.
+repeated login failures. Every function that decides by the time takes `now` (the handlers
+pass `ctx.clock()`, the one clock); nothing here reads the system clock. Leaves the HS256
+mechanics to `jwt`, bcrypt to `passwords`, and every SQL statement to `store`.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -101,14 +101,15 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def access_token_subject(request: Request, config: Config) -> str:
-    """The username of a request's valid access token; the caller checks the user exists."""
-    return token_subject(config, bearer_token(request), ACCESS, time.time())
+def access_token_subject(request: Request, config: Config, now: float) -> str:
+    """The username of a request's valid access token at `now`; the caller checks the user
+    exists."""
+    return token_subject(config, bearer_token(request), ACCESS, now)
 
 
-def current_caller(request: Request, config: Config, pool: ConnectionPool) -> Caller:
-    """The caller of a request carrying a valid access token."""
-    return verify_token(config, pool, bearer_token(request), ACCESS, time.time())
+def current_caller(request: Request, config: Config, pool: ConnectionPool, now: float) -> Caller:
+    """The caller of a request carrying an access token valid at `now`."""
+    return verify_token(config, pool, bearer_token(request), ACCESS, now)
 
 
 class LoginThrottle:

@@ -13,7 +13,7 @@ from .params import DataQuery, encode_cursor, parse_data_query
 
 def data(request: Request, ctx: Context) -> Response:
     """GET /api/data: a page of points; users see valid points only."""
-    username = auth.access_token_subject(request, ctx.config)
+    username = auth.access_token_subject(request, ctx.config, ctx.clock())
     query = parse_data_query(request)
     # One round trip: the store checks the user and its role in the same statement.
     page = store.list_points(
