@@ -32,9 +32,8 @@ def _schema(name: str) -> dict:
     return _ref("schemas", name)
 
 
-def _integer(bounds: rules.Range) -> dict:
-    schema = {"type": "integer", "minimum": bounds.low, "maximum": bounds.high}
-    return schema if bounds.default is None else {**schema, "default": bounds.default}
+def _integer(bounds: rules.Range, **default: int) -> dict:
+    return {"type": "integer", "minimum": bounds.low, "maximum": bounds.high, **default}
 
 
 # --- components -----------------------------------------------------------------------------
@@ -217,14 +216,14 @@ PARAMETERS: dict[str, Any] = {
         "in": "query",
         "required": False,
         "description": "Rows to skip.",
-        "schema": _integer(rules.SKIP),
+        "schema": _integer(rules.SKIP, default=rules.DEFAULT_SKIP),
     },
     "limit": {
         "name": "limit",
         "in": "query",
         "required": False,
         "description": "Rows per page.",
-        "schema": _integer(rules.LIMIT),
+        "schema": _integer(rules.LIMIT, default=rules.DEFAULT_LIMIT),
     },
     "after": {
         "name": "after",

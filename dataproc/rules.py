@@ -39,18 +39,17 @@ def password_fits(password: str, minimum: int) -> bool:
 
 @dataclass(frozen=True)
 class Range:
-    """An integer parameter's inclusive bounds, and its value when it is not given."""
+    """An integer parameter's inclusive bounds."""
 
     low: int
     high: int
-    default: int | None = None
 
     def __contains__(self, value: object) -> bool:
         return isinstance(value, int) and self.low <= value <= self.high
 
 
-LIMIT = Range(1, 1000, 100)  # rows per page of /api/data
-SKIP = Range(0, 1_000_000_000, 0)  # rows skipped before the page (the keyset cursor is faster)
+LIMIT, DEFAULT_LIMIT = Range(1, 1000), 100  # rows per page of /api/data
+SKIP, DEFAULT_SKIP = Range(0, 1_000_000_000), 0  # rows skipped first (a keyset cursor is faster)
 COUNT = Range(1, 100)  # points one /api/populate call fetches (absent: one point, not a batch)
 
 # A keyset cursor as `/api/data` writes it in its `Link` header: base64url, unpadded.

@@ -1,8 +1,9 @@
 """`serve --workers N`: N pre-forked service processes sharing one listening socket.
 
-Owns: the parent process (open the database once, bind once, fork, forward signals, restart a
-worker that dies, exit 0 after a clean stop) and the start of each worker. Leaves everything a
-worker does to `runtime.Service`. POSIX only (`os.fork`).
+Owns: the parent process (resolve the configuration once with `zeroconf`, apply the schema,
+bind once, fork, forward signals, restart a worker that dies, exit 0 after a clean stop, then
+tear down what `zeroconf` started) and the start of each worker. Leaves everything a worker
+does to `runtime.Service`. POSIX only (`os.fork`).
 
 Why pre-fork: one CPython process serves on about one core; N processes use N. The kernel
 hands each new connection to one of the workers waiting on the shared socket. Workers keep

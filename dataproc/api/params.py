@@ -22,8 +22,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 class DataQuery:
     start: datetime | None = None
     end: datetime | None = None
-    skip: int = rules.SKIP.default or 0
-    limit: int = rules.LIMIT.default or 1
+    skip: int = rules.DEFAULT_SKIP
+    limit: int = rules.DEFAULT_LIMIT
     after: tuple[datetime, int] | None = None
 
 

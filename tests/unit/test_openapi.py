@@ -355,17 +355,22 @@ def test_the_documented_numbers_and_patterns_are_the_rules():
         in (credentials["password"]["description"])
     )
     parameters = components["parameters"]
-    for name, bounds in (("limit", rules.LIMIT), ("skip", rules.SKIP), ("count", rules.COUNT)):
+    ranges = (
+        ("limit", rules.LIMIT, rules.DEFAULT_LIMIT),
+        ("skip", rules.SKIP, rules.DEFAULT_SKIP),
+        ("count", rules.COUNT, None),  # absent: one point, not a batch of a default size
+    )
+    for name, bounds, default in ranges:
         schema = parameters[name]["schema"]
         assert (schema["minimum"], schema["maximum"]) == (bounds.low, bounds.high), name
-        assert schema.get("default") == bounds.default, name
+        assert schema.get("default") == default, name
     assert parameters["after"]["schema"]["pattern"] == f"^{rules.CURSOR_PATTERN}$"
 
 
 def test_the_rules_agree_with_the_defaults_and_the_password_module():
     assert Config().password_min_bytes == rules.DEFAULT_PASSWORD_MIN_BYTES
     assert passwords.MAX_PASSWORD_BYTES == rules.MAX_PASSWORD_BYTES == 72
-    assert DataQuery() == DataQuery(skip=rules.SKIP.default, limit=rules.LIMIT.default)
+    assert DataQuery() == DataQuery(skip=rules.DEFAULT_SKIP, limit=rules.DEFAULT_LIMIT)
     assert rules.USERNAME.fullmatch("a" * rules.USERNAME_MAX)
     assert not rules.USERNAME.fullmatch("a" * (rules.USERNAME_MAX + 1))
     assert not rules.USERNAME.fullmatch("a" * (rules.USERNAME_MIN - 1))
