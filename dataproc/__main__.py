@@ -19,7 +19,7 @@ import sys
 import threading
 
 from . import __version__, logs, rules, simsource
-from .config import SETTINGS, Config, ConfigError, from_env
+from .config import SETTINGS, Config, ConfigError, from_env, read_setting
 
 log = logging.getLogger("dataproc.main")
 
@@ -67,7 +67,7 @@ def load_config(args: argparse.Namespace) -> Config:
         text = getattr(args, name, None)
         if text is not None:
             try:
-                overrides[name] = _SETTING[name].parse(text)
+                overrides[name] = read_setting(name, text)
             except ValueError as error:
                 raise ConfigError(f"--{name}: {error}") from None
     return config.replace(**overrides)

@@ -40,7 +40,7 @@ def issue_tokens(config: Config, username: str, role: str, now: float) -> dict:
     """A new access/refresh pair, as the login and refresh endpoints return it."""
     issued = int(now)
 
-    def token(kind: str, ttl_s: int, key: str) -> str:
+    def token(kind: str, ttl_s: int) -> str:
         claims = {
             "sub": username,
             "role": role,
@@ -49,21 +49,29 @@ def issue_tokens(config: Config, username: str, role: str, now: float) -> dict:
             "exp": issued + ttl_s,
             "jti": secrets.token_urlsafe(12),
         }
-        return jwt.encode(claims, key)
+        return jwt.encode(claims, signing_key(config, kind))
 
     return {
-        "access_token": token(ACCESS, config.access_ttl_s, config.jwt_secret_key),
-        "refresh_token": token(REFRESH, config.refresh_ttl_s, config.jwt_refresh_secret_key),
+        "access_token": token(ACCESS, config.access_ttl_s),
+        "refresh_token": token(REFRESH, config.refresh_ttl_s),
         "token_type": "bearer",
         "expires_in": config.access_ttl_s,
     }
 
 
+def signing_key(config: Config, kind: str) -> str:
+    """The key of `kind` tokens. `zeroconf.resolve` never serves without both; a `Config`
+    handed to `create_app` unresolved gets a 503, not a token signed with nothing."""
+    key = config.jwt_secret_key if kind == ACCESS else config.jwt_refresh_secret_key
+    if not key:
+        raise ApiError(503, "no signing keys configured")
+    return key
+
+
 def token_subject(config: Config, token: str, kind: str, now: float) -> str:
     """The username a token names, if it verifies and has the right type (no database)."""
-    key = config.jwt_secret_key if kind == ACCESS else config.jwt_refresh_secret_key
     try:
-        claims = jwt.decode(token, key, now=now, leeway=5, expected_type=kind)
+        claims = jwt.decode(token, signing_key(config, kind), now=now, leeway=5, expected_type=kind)
     except jwt.InvalidToken as error:
         raise Unauthorized(f"invalid token: {error.reason}", token_sent=True) from None
     username = claims.get("sub")

@@ -423,6 +423,16 @@ SETTINGS: tuple[Setting, ...] = tuple(
 )
 # Every variable the service reads or accepts: what the README and `.env.example` list.
 VARIABLES: tuple[Setting, ...] = OTHER_VARIABLES + SETTINGS
+_BY_FIELD = {entry.field: entry for entry in SETTINGS}
+
+
+def read_setting(field: str, text: str) -> Any:
+    """`text` read the way the setting of `field` reads its variable (ValueError when bad), so
+    a command-line override accepts exactly what the variable does."""
+    parse = _BY_FIELD[field].parse
+    if parse is None:  # never for a field's setting (tests/unit/test_config.py checks)
+        raise ValueError(f"{field} is not read from one variable")
+    return parse(text)
 
 
 def from_env(environ: Mapping[str, str], *, dotenv_path: str | None = ".env") -> Config:

@@ -23,7 +23,14 @@ from .server import HttpServer
 from .web import make_app
 from .zeroconf import StartupError
 
-__all__ = ["Service", "StartupError", "connect", "create_app", "warn_if_default_admin"]
+__all__ = [
+    "Service",
+    "StartupError",
+    "connect",
+    "create_app",
+    "database_url",
+    "warn_if_default_admin",
+]
 
 log = logging.getLogger("dataproc.runtime")
 
@@ -31,12 +38,17 @@ DEFAULT_ADMIN = ("admin", "admin")
 DEFAULT_ADMIN_HASH = "$2b$12$a/pMatsPyWuHa5KdqatsFOLZgPYjPZU4If4//jeretXqZ.ujoYFJG"  # schema.sql
 
 
-def connect(config: Config, *, max_size: int | None = None) -> ConnectionPool:
-    """An open pool on the (resolved) configuration's database, with the schema applied."""
+def database_url(config: Config) -> str:
+    """The database of a resolved `Config` (`zeroconf.resolve` fills it in when none is set)."""
     if config.database_url is None:
         raise StartupError("no database: resolve the configuration first (zeroconf.resolve)")
+    return config.database_url
+
+
+def connect(config: Config, *, max_size: int | None = None) -> ConnectionPool:
+    """An open pool on the (resolved) configuration's database, with the schema applied."""
     pool = store.make_pool(
-        config.database_url, max_size=max_size or config.db_pool_size, wait_s=config.db_wait_s
+        database_url(config), max_size=max_size or config.db_pool_size, wait_s=config.db_wait_s
     )
     store.open_pool(pool, config.db_wait_s)
     store.apply_schema(pool)
@@ -120,7 +132,7 @@ class Service:
             )
             self.poller = Poller(
                 self.config.poll_interval_s,
-                self.config.database_url,
+                database_url(self.config),
                 ingestor,
                 connect_timeout_s=self.config.db_wait_s,
             ).start()
@@ -136,14 +148,16 @@ class Service:
     @property
     def url(self) -> str:
         """The base URL of the running service."""
-        host, port = self.http.server_address[:2]
-        return f"http://{host}:{port}/"
+        if self.http is None:
+            raise RuntimeError("the service is not started")
+        return f"http://{self.http.server_name}:{self.http.port}/"
 
     def stop(self, grace_s: float | None = None) -> bool:
         """Stop accepting, let in-flight requests finish (bounded), close the pool."""
         finished = True
         if self.http is not None:
             finished = self.http.drain(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        if self._thread is not None:
             self._thread.join(timeout=5)
         if self.poller is not None:
             self.poller.stop()

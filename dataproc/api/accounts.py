@@ -63,7 +63,9 @@ def login(request: Request, ctx: Context) -> Response:
     username, now = values["username"], ctx.clock()
     ctx.throttle.check(username, request.client, now)
     user = store.get_user(ctx.pool, username) if len(username) <= 256 else None
-    if not ctx.checker.verify(values["password"], user.hashed_password if user else None):
+    # An unknown user costs one (dummy) bcrypt check too, so the time tells nothing.
+    matches = ctx.checker.verify(values["password"], user.hashed_password if user else None)
+    if user is None or not matches:
         ctx.throttle.failed(username, request.client, now)
         raise ApiError(400, "Incorrect username or password")
     ctx.throttle.succeeded(username)

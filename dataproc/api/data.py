@@ -34,7 +34,9 @@ def data(request: Request, ctx: Context) -> Response:
 
 
 def _next_url(request: Request, query: DataQuery, last: tuple[datetime, int]) -> str:
-    params = {name: request.query[name][0] for name in ("start", "end") if name in request.query}
+    params: dict[str, str] = {
+        name: request.query[name][0] for name in ("start", "end") if name in request.query
+    }
     params.update(limit=str(query.limit), after=encode_cursor(last))
     return f"{request.path}?{urlencode(params)}"
 
