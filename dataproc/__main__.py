@@ -18,8 +18,9 @@ import signal
 import sys
 import threading
 
-from . import __version__, logs, rules, simsource
+from . import __version__, logs, rules
 from .config import SETTINGS, Config, ConfigError, from_env, read_setting
+from .upstream import simulated  # stdlib only: its default port is the `source` command's
 
 log = logging.getLogger("dataproc.main")
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     source = commands.add_parser("source", help="run the simulated upstream")
     source.add_argument("--host", default="127.0.0.1")
-    source.add_argument("--port", type=int, default=simsource.DEFAULT_PORT)
+    source.add_argument("--port", type=int, default=simulated.DEFAULT_PORT)
     source.add_argument("--seed", type=int)
     commands.add_parser("init-db", help="apply schema.sql to the database (idempotent)")
     user = commands.add_parser("create-user", help="create a user or reset its password")
@@ -100,10 +101,8 @@ def wait_for_signal() -> None:
 
 def cmd_source(args: argparse.Namespace, config: Config | None) -> int:
     """Run the simulated upstream."""
-    from . import simsource
-
     argv = ["--host", args.host, "--port", str(args.port)]
-    return simsource.main(argv + (["--seed", str(args.seed)] if args.seed is not None else []))
+    return simulated.main(argv + (["--seed", str(args.seed)] if args.seed is not None else []))
 
 
 def cmd_init_db(args: argparse.Namespace, config: Config) -> int:

@@ -311,6 +311,18 @@ class Config:
         _int_in(1, 10000),
         "open connections (a thread each); past it a fast 503",
     )
+    # Threads that run requests; idle keep-alive connections wait in a selector, not here.
+    # A thread that waits (for a pool connection, a bcrypt slot, a slow client's write)
+    # holds its place, so keep well above db_pool_size + login_concurrency + exports; a
+    # waiting thread costs no CPU, a runnable one shares the GIL. Eight per core.
+    threads: int = setting(
+        "DATAPROC_THREADS",
+        8 * (os.cpu_count() or 2),
+        _int_in(1, 1024),
+        "threads that run requests (idle keep-alive connections need none)",
+        text="",
+        computed="eight per core",
+    )
     listen_backlog: int = setting(
         "DATAPROC_LISTEN_BACKLOG", 1024, _int_in(1, 65535), "connections waiting to be accepted"
     )
@@ -367,6 +379,16 @@ class Config:
         5.0,
         _float_in(0.01, 600),
         "wait for a database connection before a 503",
+        unit="s",
+    )
+    # At start only: how long `serve` waits for its database to come up (compose starts the
+    # service beside it, and podman-compose ignores `depends_on: condition: service_healthy`).
+    db_start_wait_s: float = setting(
+        "DATAPROC_DB_START_WAIT_S",
+        60.0,
+        _float_in(0, 3600),
+        "at start, `serve` waits this long for its database (retrying, one log line per "
+        "wait), then exits with a one-line error",
         unit="s",
     )
     login_concurrency: int = setting(

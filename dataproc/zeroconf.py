@@ -4,7 +4,9 @@ Owns: the one decision every command takes before it opens the database. With no
 configured, an embedded PostgreSQL in the data directory (the `embedded` extra), signing keys
 made on first start and kept in `<data dir>/keys.json`, and, when no upstream is configured
 either, the simulated upstream on loopback (its default port, or any free one). A configured
-database never falls back to any of that, and serving from it without both keys is refused.
+database never falls back to any of that: serving from it without both keys is refused, and
+serving waits up to `db_start_wait_s` for it to accept a connection (compose may start the
+service before its database).
 `resolve` returns a `ZeroConf`: the resolved `Config` (database URL, keys and upstream URL
 filled in) and `close()`, which stops what was started here, in reverse order.
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import store
 from .config import Config
 
 log = logging.getLogger("dataproc.zeroconf")
@@ -64,13 +67,16 @@ def resolve(config: Config, *, serving: bool = True, upstream: bool = True) -> Z
     """`config` with every zero-configuration default made real.
 
     `serving=False` (init-db, create-user, populate): a configured database needs no signing
-    keys. `upstream=False` (init-db, create-user): no simulated upstream is started."""
-    if not config.embedded_database:
+    keys and is not waited for. `upstream=False` (init-db, create-user): no simulated upstream
+    is started."""
+    if config.database_url is not None:
         if serving and not (config.jwt_secret_key and config.jwt_refresh_secret_key):
             raise StartupError(
                 "a database is configured but JWT_SECRET_KEY and "
                 "JWT_REFRESH_SECRET_KEY are not: set both (see .env.example)"
             )
+        if serving:  # DatabaseUnavailable after the wait: the one-line error of `serve`
+            store.wait_for_database(config.database_url, config.db_start_wait_s)
         return ZeroConf(config)
     data_dir = Path(config.data_dir).resolve()
     postgres = _start_postgres(data_dir)
@@ -131,11 +137,11 @@ def _with_kept_keys(config: Config, data_dir: Path) -> Config:
 
 def _start_simulated_upstream(host: str = "127.0.0.1") -> tuple[Any, str]:
     """The simulated upstream on loopback, on its default port or any free one."""
-    from . import simsource  # not on any request path; imported only for zero configuration
+    from .upstream import simulated  # not on any request path; only for zero configuration
 
     try:
-        server, url = simsource.start_in_thread(host, simsource.DEFAULT_PORT)
+        server, url = simulated.start_in_thread(host, simulated.DEFAULT_PORT)
     except OSError:
-        server, url = simsource.start_in_thread(host, 0)
+        server, url = simulated.start_in_thread(host, 0)
     log.info("no upstream configured (SERVER_URL): started the simulated upstream at %s", url)
     return server, url

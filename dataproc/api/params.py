@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .. import rules, source
+from .. import rfc3339, rules
 from ..errors import ValidationError, problem
 from ..web import Request
 
@@ -72,7 +72,7 @@ def integer_param(
 
 def _datetime(text: str, name: str, problems: list[dict]) -> datetime | None:
     try:
-        return source.parse_time(text)
+        return rfc3339.parse(text)
     except ValueError as error:
         problems.append(
             problem("query", name, f"Input should be a valid datetime: {error}", "datetime_parsing")

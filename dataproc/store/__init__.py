@@ -10,6 +10,7 @@ same way (RFC 3339 UTC time, `null` for a non-finite value).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,6 +115,34 @@ def open_pool(pool: ConnectionPool, wait_s: float) -> None:
         ) from None
     finally:
         pool_log.removeFilter(held)
+
+
+def wait_for_database(
+    conninfo: str, wait_s: float, *, first_pause_s: float = 0.25, max_pause_s: float = 2.0
+) -> None:
+    """Return once the database accepts a connection, trying for up to `wait_s` seconds with a
+    doubling pause (one log line per pause); then raise `DatabaseUnavailable` with the reason.
+
+    A service started beside its database (compose) must not rely on the engine ordering the
+    two: podman-compose ignores `depends_on: condition: service_healthy`."""
+    deadline, pause = time.monotonic() + wait_s, first_pause_s
+    while True:
+        # libpq's connect_timeout is whole seconds, at least 2: an attempt overruns by < 2 s.
+        timeout = max(2, min(10, int(deadline - time.monotonic())))
+        try:
+            psycopg.connect(conninfo, connect_timeout=timeout, autocommit=True).close()
+            return
+        except psycopg.OperationalError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DatabaseUnavailable(
+                f"cannot connect to the database within {wait_s:g} s ({reason})"
+            )
+        pause = min(pause, left)
+        log.info("database not ready (%s): next try in %.2g s, %.1f s left", reason, pause, left)
+        time.sleep(pause)
+        pause = min(2 * pause, max_pause_s)
 
 
 class ConnectionLost(DatabaseUnavailable):

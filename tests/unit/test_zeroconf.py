@@ -10,16 +10,15 @@ import urllib.request
 import psycopg
 import pytest
 
-from dataproc import simsource, zeroconf
+from dataproc import zeroconf
 from dataproc.config import Config
-from support import ACCESS_KEY, REFRESH_KEY
+from dataproc.upstream import simulated
+from support import ACCESS_KEY, make_config
 
 
-def test_a_configured_database_resolves_to_itself_with_nothing_to_stop():
-    config = Config(database_url="postgresql:///x", jwt_secret_key=ACCESS_KEY).replace(
-        jwt_refresh_secret_key=REFRESH_KEY
-    )
-    resolved = zeroconf.resolve(config)
+def test_a_configured_database_resolves_to_itself_with_nothing_to_stop(database_url):
+    config = make_config(database_url, db_start_wait_s=5)
+    resolved = zeroconf.resolve(config)  # serving: the database is waited for, and answers
     assert resolved.config is config and resolved.upstream is None and resolved.postgres is None
     resolved.close()
 
@@ -73,7 +72,7 @@ def test_without_upstream_only_the_database_is_started_and_close_stops_it(first)
 
 
 def test_close_stops_the_simulated_upstream_and_a_second_close_does_nothing():
-    server, url = simsource.start_in_thread("127.0.0.1", 0)
+    server, url = simulated.start_in_thread("127.0.0.1", 0)
     resolved = zeroconf.ZeroConf(Config(upstream_url=url), upstream=server)
     with resolved:
         with urllib.request.urlopen(url, timeout=5) as reply:
