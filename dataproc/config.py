@@ -427,11 +427,6 @@ class Config:
         unit="s",
     )
 
-    @property
-    def embedded_database(self) -> bool:
-        """True when no database is configured, so a zero-configuration run embeds one."""
-        return self.database_url is None
-
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (tests and the zero-configuration resolver use it)."""
         return dataclasses.replace(self, **changes)

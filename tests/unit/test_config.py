@@ -40,7 +40,7 @@ def test_an_empty_environment_gives_the_defaults():
     assert config.bcrypt_cost == 12 and config.invalid_tags == ("system", "suspect")
     assert (config.max_age_s, config.upstream_timeout_s) == (3600, 10)
     assert config.upstream_max_bytes == 65536
-    assert config.database_url is None and config.embedded_database
+    assert config.database_url is None
     assert config.upstream_url is None and config.jwt_secret_key is None
 
 
@@ -187,7 +187,6 @@ def test_postgres_variables_become_a_conninfo_string():
     assert config.database_url == (
         "host='db.internal' port='5433' user='app' password='s3cret' dbname='points'"
     )
-    assert not config.embedded_database
 
 
 def test_a_postgres_server_without_a_port_leaves_the_port_to_libpq():
