@@ -29,6 +29,7 @@ __all__ = [
     "connect",
     "create_app",
     "database_url",
+    "resolve_to_serve",
     "warn_if_default_admin",
 ]
 
@@ -43,6 +44,16 @@ def database_url(config: Config) -> str:
     if config.database_url is None:
         raise StartupError("no database: resolve the configuration first (zeroconf.resolve)")
     return config.database_url
+
+
+def resolve_to_serve(config: Config) -> zeroconf.ZeroConf:
+    """`zeroconf.resolve` for serving; a configured database (one zeroconf did not start) is
+    then waited for, up to `db_start_wait_s`: compose may start the service before it, and
+    podman-compose ignores `depends_on: condition: service_healthy`."""
+    resolved = zeroconf.resolve(config)
+    if resolved.postgres is None:  # DatabaseUnavailable after the wait: a one-line error
+        store.wait_for_database(database_url(resolved.config), config.db_start_wait_s)
+    return resolved
 
 
 def connect(config: Config, *, max_size: int | None = None) -> ConnectionPool:
@@ -104,7 +115,7 @@ class Service:
 
     def start(self) -> Service:
         """Open everything and serve in a background thread; returns at once."""
-        self._zeroconf = zeroconf.resolve(self.config)
+        self._zeroconf = resolve_to_serve(self.config)
         self.config = self._zeroconf.config
         self.pool = connect(self.config)
         self.metrics = Metrics(__version__) if self.config.metrics_enabled else None

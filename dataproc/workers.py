@@ -1,8 +1,8 @@
 """`serve --workers N`: N pre-forked service processes sharing one listening socket.
 
-Owns: the parent process (resolve the configuration once with `zeroconf`, apply the schema,
-bind once, fork, forward signals, restart a worker that dies, exit 0 after a clean stop, then
-tear down what `zeroconf` started) and the start of each worker. Leaves everything a worker
+Owns: the parent process (resolve the configuration once with `runtime.resolve_to_serve`,
+apply the schema, bind once, fork, forward signals, restart a worker that dies, exit 0 after
+a clean stop, then tear down what resolving started) and the start of each worker. Leaves everything a worker
 does to `runtime.Service`. POSIX only (`os.fork`).
 
 Why pre-fork: one CPython process serves on about one core; N processes use N. The kernel
@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 
-from . import runtime, zeroconf
+from . import runtime
 from .config import Config
 
 log = logging.getLogger("dataproc.workers")
@@ -34,7 +34,7 @@ def serve_workers(config: Config) -> int:
     """Run `config.workers` worker processes until SIGTERM/SIGINT; 0 after a clean stop."""
     # Resolved here, once: an embedded server and the simulated upstream start in the parent,
     # and every worker is handed the resolved `Config` (which resolves to itself).
-    with zeroconf.resolve(config) as resolved:
+    with runtime.resolve_to_serve(config) as resolved:
         config = resolved.config
         runtime.connect(config, max_size=1).close()  # the schema, before any worker
         sock = listen(config)

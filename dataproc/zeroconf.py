@@ -4,9 +4,8 @@ Owns: the one decision every command takes before it opens the database. With no
 configured, an embedded PostgreSQL in the data directory (the `embedded` extra), signing keys
 made on first start and kept in `<data dir>/keys.json`, and, when no upstream is configured
 either, the simulated upstream on loopback (its default port, or any free one). A configured
-database never falls back to any of that: serving from it without both keys is refused, and
-serving waits up to `db_start_wait_s` for it to accept a connection (compose may start the
-service before its database).
+database never falls back to any of that (it is returned as it is), and serving from it
+without both keys is refused.
 `resolve` returns a `ZeroConf`: the resolved `Config` (database URL, keys and upstream URL
 filled in) and `close()`, which stops what was started here, in reverse order.
 
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import store
 from .config import Config
 
 log = logging.getLogger("dataproc.zeroconf")
@@ -67,16 +65,13 @@ def resolve(config: Config, *, serving: bool = True, upstream: bool = True) -> Z
     """`config` with every zero-configuration default made real.
 
     `serving=False` (init-db, create-user, populate): a configured database needs no signing
-    keys and is not waited for. `upstream=False` (init-db, create-user): no simulated upstream
-    is started."""
+    keys. `upstream=False` (init-db, create-user): no simulated upstream is started."""
     if config.database_url is not None:
         if serving and not (config.jwt_secret_key and config.jwt_refresh_secret_key):
             raise StartupError(
                 "a database is configured but JWT_SECRET_KEY and "
                 "JWT_REFRESH_SECRET_KEY are not: set both (see .env.example)"
             )
-        if serving:  # DatabaseUnavailable after the wait: the one-line error of `serve`
-            store.wait_for_database(config.database_url, config.db_start_wait_s)
         return ZeroConf(config)
     data_dir = Path(config.data_dir).resolve()
     postgres = _start_postgres(data_dir)

@@ -102,10 +102,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "poller": frozenset({"ingest", "store", "config"}),
     # workers pre-forks processes that each run runtime.Service: part of the shell with
     # __main__ (which alone calls it), so it is the one other module that may import runtime.
-    "workers": frozenset({"runtime", "zeroconf", "config", "logs"}),
-    # "Nothing configured" made real: embedded database, kept keys, the simulated upstream;
-    # and a configured database waited for before serving.
-    "zeroconf": frozenset({"config", "store", "upstream.simulated"}),
+    "workers": frozenset({"runtime", "config", "logs"}),
+    # "Nothing configured" made real: embedded database, kept keys, the simulated upstream.
+    "zeroconf": frozenset({"config", "upstream.simulated"}),
     "__init__": frozenset({"config", "runtime"}),  # lazily, on first use of a public name
 }
 ALLOWED["runtime"] = EVERYTHING - {"__main__", "runtime", "workers"}
