@@ -13,6 +13,7 @@ membership list is shared: the database decides.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ import time
 import psycopg
 
 from .ingest import IngestFailure, Ingestor
-from .store import POLLER_LOCK_KEY, STILL_HERE, TRY_POLLER_LOCK
+from .store import POLLER_LOCK_KEY, POLLER_UNLOCK, STILL_HERE, TRY_POLLER_LOCK
 
 log = logging.getLogger("dataproc.poller")
 
@@ -128,10 +129,16 @@ class Poller:
         return self._conn
 
     def _release(self) -> None:
-        # Closing the session releases its advisory locks (and works on a broken connection).
-        conn, self._conn, self._leader = self._conn, None, False
-        if conn is not None:
-            conn.close()
+        # Unlock first: closing the session releases the lock too, but only once its backend
+        # has gone, which takes a moment after close() returns; another replica waiting to
+        # take over should not see the lock still held. Closing alone works on a broken one.
+        conn, leader, self._conn, self._leader = self._conn, self._leader, None, False
+        if conn is None:
+            return
+        if leader and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(POLLER_UNLOCK, (POLLER_LOCK_KEY,))
+        conn.close()
 
 
 def _first_line(error: BaseException) -> str:

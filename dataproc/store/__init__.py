@@ -215,6 +215,7 @@ def pool_stats(pool: ConnectionPool) -> dict[str, int]:
 POLLER_LOCK_KEY = 7261657272  # any constant shared by every replica; not the schema's lock
 TRY_POLLER_LOCK = "SELECT pg_try_advisory_lock(%s)"
 STILL_HERE = "SELECT 1"
+POLLER_UNLOCK = "SELECT pg_advisory_unlock(%s)"
 
 
 # --- users ----------------------------------------------------------------------------------
