@@ -3,8 +3,10 @@
 Owns: `document()` (every route of `api.ROUTES` and the service endpoints, their parameters,
 bodies, responses, error shapes, headers and security schemes), its bytes as served at
 `/openapi.json`, and the bytes of `static/docs.html`. Both are built once and cached. Nothing
-here looks at handlers at run time: `tests/test_openapi.py` compares this document with the
-router, so the two cannot drift apart. A leaf: it imports no other `dataproc` module.
+here looks at handlers at run time: `tests/unit/test_openapi.py` compares this document with
+the router, so the two cannot drift apart. Its numbers and patterns (username, password, limit,
+skip, count, cursor) are read from `rules`, which the handlers enforce. Near a leaf: it
+imports only `rules` and the package's version.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from . import __version__
+from . import __version__, rules
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
-SECURED = [{"bearerAuth": []}, {"OAuth2PasswordBearer": []}]
+SECURED: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"OAuth2PasswordBearer": []}]
 
 
 def _ref(kind: str, name: str) -> dict:
@@ -28,6 +30,10 @@ def _ref(kind: str, name: str) -> dict:
 
 def _schema(name: str) -> dict:
     return _ref("schemas", name)
+
+
+def _integer(bounds: rules.Range, **default: int) -> dict:
+    return {"type": "integer", "minimum": bounds.low, "maximum": bounds.high, **default}
 
 
 # --- components -----------------------------------------------------------------------------
@@ -62,15 +68,17 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "username": {
                 "type": "string",
-                "minLength": 3,
-                "maxLength": 64,
-                "pattern": "^[A-Za-z0-9._@-]{3,64}$",
+                "minLength": rules.USERNAME_MIN,
+                "maxLength": rules.USERNAME_MAX,
+                "pattern": f"^{rules.USERNAME_PATTERN}$",
+                "description": rules.USERNAME_RULE + ".",
             },
             "password": {
                 "type": "string",
                 "minLength": 1,
-                "description": "8 to 72 bytes of UTF-8 for a new account (the minimum is "
-                "DATAPROC_PASSWORD_MIN_BYTES).",
+                "description": f"{rules.DEFAULT_PASSWORD_MIN_BYTES} to "
+                f"{rules.MAX_PASSWORD_BYTES} bytes of UTF-8 for a new account (the minimum "
+                "is DATAPROC_PASSWORD_MIN_BYTES).",
             },
         },
     },
@@ -208,28 +216,28 @@ PARAMETERS: dict[str, Any] = {
         "in": "query",
         "required": False,
         "description": "Rows to skip.",
-        "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000, "default": 0},
+        "schema": _integer(rules.SKIP, default=rules.DEFAULT_SKIP),
     },
     "limit": {
         "name": "limit",
         "in": "query",
         "required": False,
         "description": "Rows per page.",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+        "schema": _integer(rules.LIMIT, default=rules.DEFAULT_LIMIT),
     },
     "after": {
         "name": "after",
         "in": "query",
         "required": False,
         "description": "A keyset cursor, as found in the `Link` header of the previous page.",
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "schema": {"type": "string", "pattern": f"^{rules.CURSOR_PATTERN}$"},
     },
     "count": {
         "name": "count",
         "in": "query",
         "required": False,
         "description": "Fetch this many points in one call; the answer is then a batch.",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        "schema": _integer(rules.COUNT),
     },
 }
 
@@ -326,7 +334,7 @@ BODY_ERRORS = (400, 413, 415, 422)
 
 
 def _paths() -> dict[str, Any]:
-    populate = dict(
+    populate: dict[str, Any] = dict(
         params=("count",),
         security=SECURED,
         responses=_responses(

@@ -10,21 +10,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .. import rfc3339
+from .. import rfc3339, rules
 from ..errors import ValidationError, problem
 from ..web import Request
 
 INTEGER = re.compile(r"[+-]?[0-9]{1,19}")  # not \d: it matches "１" and other non-ASCII digits
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_SKIP = 1_000_000_000
 
 
 @dataclass(frozen=True)
 class DataQuery:
     start: datetime | None = None
     end: datetime | None = None
-    skip: int = 0
-    limit: int = 100
+    skip: int = rules.DEFAULT_SKIP
+    limit: int = rules.DEFAULT_LIMIT
     after: tuple[datetime, int] | None = None
 
 
@@ -39,8 +38,14 @@ def single_param(request: Request, name: str, problems: list[dict]) -> str | Non
     return values[0]
 
 
-def integer_param(text: str, name: str, low: int, high: int, problems: list[dict]) -> int | None:
-    """`text` as an ASCII integer in `low..high`, or None with the problem recorded."""
+def integer_param(
+    text: str | None, name: str, bounds: rules.Range, problems: list[dict]
+) -> int | None:
+    """`text` as an ASCII integer within `bounds`; None when `text` is None (not given) or
+    with the problem recorded."""
+    if text is None:
+        return None
+    low, high = bounds.low, bounds.high
     if not INTEGER.fullmatch(text):
         problems.append(problem("query", name, "Input should be a valid integer", "int_parsing"))
         return None
@@ -84,12 +89,13 @@ def parse_data_query(request: Request) -> DataQuery:
     }
     values: dict[str, Any] = {}
     for name in ("start", "end"):
-        if raw[name] is not None:
-            values[name] = _datetime(raw[name], name, problems)
+        text = raw[name]
+        if text is not None:
+            values[name] = _datetime(text, name, problems)
     if raw["skip"] is not None:
-        values["skip"] = integer_param(raw["skip"], "skip", 0, MAX_SKIP, problems)
+        values["skip"] = integer_param(raw["skip"], "skip", rules.SKIP, problems)
     if raw["limit"] is not None:
-        values["limit"] = integer_param(raw["limit"], "limit", 1, 1000, problems)
+        values["limit"] = integer_param(raw["limit"], "limit", rules.LIMIT, problems)
     if raw["after"] is not None:
         values["after"] = decode_cursor(raw["after"])
         if values["after"] is None:
@@ -111,7 +117,7 @@ def encode_cursor(last: tuple[datetime, int]) -> str:
 
 def decode_cursor(text: str) -> tuple[datetime, int] | None:
     """The `(time, id)` a cursor names, or None when it is not one of ours."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+    if not re.fullmatch(rules.CURSOR_PATTERN, text):
         return None
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")

@@ -54,13 +54,11 @@ class NewPoint:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page of points as a JSON array (bytes), its length, its last `(time, id)`, and the
-    role of the viewer it was read for."""
+    """A page of points as a JSON array (bytes), its length and its last `(time, id)`."""
 
     json: bytes
     count: int
     last: tuple[datetime, int] | None
-    role: str
 
 
 # --- the pool -------------------------------------------------------------------------------
@@ -324,7 +322,9 @@ def insert_point(pool: ConnectionPool, point: NewPoint) -> tuple[bytes, bool]:
         if row is not None:
             return row[0].encode(), True
         row = conn.execute(SELECT_POINT_BY_DOCUMENT, (point.document_sha256,)).fetchone()
-    if row is None:  # stored by a concurrent insert that has not committed: report as duplicate
+    # Neither inserted nor found: a concurrent insert of the same document has not committed
+    # yet. Whether it will is unknown here, so this is a 503 to retry, not a duplicate.
+    if row is None:
         raise DatabaseUnavailable("a concurrent insert of this document is in progress")
     return row[0].encode(), False
 
@@ -372,4 +372,4 @@ def list_points(pool: ConnectionPool, **query) -> Page | None:
     role, body, count, last_time, last_id = read_one(pool, SELECT_PAGE, page_params(**query))
     if role is None:
         return None
-    return Page(body.encode(), count, (last_time, last_id) if count else None, role)
+    return Page(body.encode(), count, (last_time, last_id) if count else None)
