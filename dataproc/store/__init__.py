@@ -179,6 +179,13 @@ def read_one(pool: ConnectionPool, sql: str, params: Mapping | Sequence = ()) ->
         return conn.execute(sql, params).fetchone()
 
 
+def one_row(row: tuple | None) -> tuple:
+    """The row of a statement that always returns one (an aggregate, a function call)."""
+    if row is None:
+        raise RuntimeError("a statement that always returns one row returned none")
+    return row
+
+
 def schema_sql() -> str:
     """The text of schema.sql, shipped inside the package."""
     return resources.files("dataproc").joinpath("schema.sql").read_text(encoding="utf-8")
@@ -258,7 +265,9 @@ def create_user(
 def upsert_user(pool: ConnectionPool, username: str, hashed_password: str, role: str) -> bool:
     """Create a user or reset its password and role; True when it was created."""
     with connection(pool) as conn:
-        return bool(conn.execute(UPSERT_USER, (username, hashed_password, role)).fetchone()[0])
+        return bool(
+            one_row(conn.execute(UPSERT_USER, (username, hashed_password, role)).fetchone())[0]
+        )
 
 
 # --- data points ----------------------------------------------------------------------------
@@ -369,7 +378,9 @@ def page_params(
 def list_points(pool: ConnectionPool, **query) -> Page | None:
     """One page ordered by (time, id) as `query["viewer"]` may see it (admins: every point;
     others: valid ones), with `page_params`' filters. None: no such viewer."""
-    role, body, count, last_time, last_id = read_one(pool, SELECT_PAGE, page_params(**query))
+    role, body, count, last_time, last_id = one_row(
+        read_one(pool, SELECT_PAGE, page_params(**query))
+    )
     if role is None:
         return None
     return Page(body.encode(), count, (last_time, last_id) if count else None)
