@@ -50,6 +50,11 @@ class Config:
     log_level: str = "INFO"
     metrics_enabled: bool = True
     max_connections: int = 512
+    # Threads that run requests; idle keep-alive connections wait in a selector, not here.
+    # A thread that waits (for a pool connection, a bcrypt slot, a slow client's write)
+    # holds its place, so keep well above db_pool_size + login_concurrency + exports; a
+    # waiting thread costs no CPU, a runnable one shares the GIL. Eight per core.
+    threads: int = 8 * (os.cpu_count() or 2)
     listen_backlog: int = 1024
     socket_timeout_s: float = 15.0
     max_request_line_bytes: int = 8192
@@ -183,6 +188,7 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("log_level", "DATAPROC_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR")),
     ("metrics_enabled", "DATAPROC_METRICS", _boolean),
     ("max_connections", "DATAPROC_MAX_CONNECTIONS", _int_in(1, 10000)),
+    ("threads", "DATAPROC_THREADS", _int_in(1, 1024)),
     ("listen_backlog", "DATAPROC_LISTEN_BACKLOG", _int_in(1, 65535)),
     ("socket_timeout_s", "DATAPROC_SOCKET_TIMEOUT_S", _float_in(0.05, 3600)),
     ("max_request_line_bytes", "DATAPROC_MAX_REQUEST_LINE_BYTES", _int_in(256, 1024 * 1024)),

@@ -1,16 +1,17 @@
 """HTTP as data: `Request`, `Response`, the `Router`, and the one place errors become JSON.
 
 Owns: matching a method and path to a handler (404, 405 with `Allow`, HEAD served by GET),
-building JSON responses (`Content-Length` from the bytes, never by hand), reading request
-bodies (JSON or form) strictly, and turning an `ApiError` into FastAPI's error shapes.
-Leaves to `server.py` every socket, and to `api.py` every route.
+building JSON, streamed and 304 responses, reading request bodies (JSON or form) strictly,
+and turning an `ApiError` into FastAPI's error shapes. Leaves to `protocol.py` the bytes on
+the wire (`Content-Length` is computed there, never by hand), to `server.py` every socket,
+and to `api.py` every route.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -49,12 +50,21 @@ class Request:
 
 @dataclass(slots=True)
 class Response:
-    """Status, headers and the body bytes, built once."""
+    """Status, headers and either the body bytes, built once, or a `stream` of byte chunks.
+
+    A streamed response has an empty `body`; the server sends it chunked (HTTP/1.1) or ended
+    by the close (HTTP/1.0), and closes the iterator when the client goes away, on HEAD, and
+    at the end (so a generator's `finally` can cancel its query)."""
 
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     close: bool = False  # ask the server to close the connection after this response
+    stream: Iterator[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream is not None and self.body:
+            raise ValueError("a streamed response has no body bytes")
 
     @classmethod
     def json(
@@ -70,6 +80,28 @@ class Response:
     ) -> Response:
         """A response whose JSON body is already bytes (e.g. built by PostgreSQL)."""
         return cls(status, body, {"Content-Type": JSON_TYPE, **(headers or {})})
+
+    @classmethod
+    def streamed(
+        cls,
+        chunks: Iterable[bytes],
+        content_type: str,
+        headers: dict[str, str] | None = None,
+        status: int = 200,
+    ) -> Response:
+        """A body sent as `chunks` are produced. An exception before the first non-empty
+        chunk is answered as a handler's would be (an `ApiError` as its JSON); after it, the
+        transfer ends without its last chunk, so the client sees a truncated body."""
+        return cls(
+            status, b"", {"Content-Type": content_type, **(headers or {})}, stream=iter(chunks)
+        )
+
+    @classmethod
+    def not_modified(cls, etag: str, headers: dict[str, str] | None = None) -> Response:
+        """`304 Not Modified` (RFC 9110 §15.4.5): the `ETag` and the given headers (pass
+        `Cache-Control` and `Vary` as the 200 has them), no body; the server adds
+        `X-Request-ID` and `Date`."""
+        return cls(304, b"", {**(headers or {}), "ETag": etag})
 
 
 def error_response(error: ApiError) -> Response:

@@ -35,7 +35,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "api": frozenset(
         {"web", "auth", "ingest", "store", "openapi", "errors", "config", "source", "metrics"}
     ),
-    "server": frozenset({"web", "errors", "config"}),
+    "protocol": frozenset({"config"}),  # pure HTTP/1.1 bytes: limits come from Config
+    "server": frozenset({"protocol", "web", "errors", "config"}),
     # Modules DESIGN.md's table does not list.
     "simsource": LEAF,  # runs, and lifts out, on its own
     "logs": LEAF,

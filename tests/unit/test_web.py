@@ -175,6 +175,24 @@ def test_response_raw_json_passes_bytes_through():
 # --- error shapes -------------------------------------------------------------------------
 
 
+def test_response_streamed_carries_the_chunks_the_type_and_no_body():
+    response = Response.streamed([b"a", b"b"], "text/csv", {"X-A": "1"}, status=206)
+    assert (response.status, response.body) == (206, b"")
+    assert response.headers == {"Content-Type": "text/csv", "X-A": "1"}
+    assert response.stream is not None and list(response.stream) == [b"a", b"b"]
+
+
+def test_a_streamed_response_with_body_bytes_is_refused():
+    with pytest.raises(ValueError):
+        Response(200, b"x", stream=iter([b"y"]))
+
+
+def test_not_modified_is_a_bodiless_304_with_the_etag_and_the_given_headers():
+    response = Response.not_modified('"v1"', {"Cache-Control": "private, no-cache", "Vary": "A"})
+    assert (response.status, response.body, response.stream) == (304, b"", None)
+    assert response.headers == {"Cache-Control": "private, no-cache", "Vary": "A", "ETag": '"v1"'}
+
+
 def test_an_error_with_a_message_is_a_detail_string():
     response = error_response(ApiError(409, "username already taken"))
     assert (response.status, response.body) == (409, b'{"detail":"username already taken"}')
