@@ -381,6 +381,14 @@ class Config:
         "wait for a database connection before a 503",
         unit="s",
     )
+    max_exports: int | None = setting(
+        "DATAPROC_MAX_EXPORTS",
+        None,
+        _int_in(1, 1000),
+        "exports streamed at once per process (then 503); each holds a connection of its own",
+        text="",
+        computed="half the pool, at least 1",
+    )
     # At start only: how long `serve` waits for its database to come up (compose starts the
     # service beside it, and podman-compose ignores `depends_on: condition: service_healthy`).
     db_start_wait_s: float = setting(
@@ -426,6 +434,11 @@ class Config:
         "on SIGTERM, how long in-flight requests may take to finish",
         unit="s",
     )
+
+    @property
+    def export_slots(self) -> int:
+        """Concurrent exports per process: as set, else half the pool (at least one)."""
+        return self.max_exports or max(1, self.db_pool_size // 2)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (tests and the zero-configuration resolver use it)."""

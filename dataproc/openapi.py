@@ -183,6 +183,10 @@ HEADERS: dict[str, Any] = {
         "schema": {"type": "string"},
     },
     "Location": {"description": "Where the resource is.", "schema": {"type": "string"}},
+    "Content-Disposition": {
+        "description": 'An attachment: `attachment; filename="data_points.csv"` (or `.ndjson`).',
+        "schema": {"type": "string"},
+    },
 }
 
 PARAMETERS: dict[str, Any] = {
@@ -231,6 +235,14 @@ PARAMETERS: dict[str, Any] = {
         "required": False,
         "description": "A keyset cursor, as found in the `Link` header of the previous page.",
         "schema": {"type": "string", "pattern": f"^{rules.CURSOR_PATTERN}$"},
+    },
+    "format": {
+        "name": "format",
+        "in": "query",
+        "required": False,
+        "description": "`csv` or `ndjson`; without it the `Accept` header chooses "
+        "(`text/csv`, `application/x-ndjson`), else NDJSON.",
+        "schema": {"type": "string", "enum": ["csv", "ndjson"]},
     },
     "count": {
         "name": "count",
@@ -420,6 +432,38 @@ def _paths() -> dict[str, Any]:
                     503,
                 ),
                 params=("start", "end", "skip", "limit", "after"),
+                security=SECURED,
+            )
+        },
+        "/api/data/export": {
+            "get": _operation(
+                "export",
+                "data",
+                "Export every point of a window",
+                "Every point the caller can see in `start`..`end`, ordered by time then id, with "
+                "no limit, streamed (`Transfer-Encoding: chunked`; on HTTP/1.0 the body ends with "
+                "the connection). CSV is RFC 4180 with CRLF line ends and the header "
+                "`id,time,value,valid,tags`; NDJSON is one point object per line, as `/api/data` "
+                "shows it. A failure after the first byte ends the transfer without its last "
+                "chunk: a truncated transfer, never a file that looks complete. At most "
+                "`DATAPROC_MAX_EXPORTS` run at once per process; past it a 503 with `Retry-After`.",
+                _responses(
+                    {
+                        "200": {
+                            "description": "The points, streamed as an attachment.",
+                            "headers": _headers("Content-Disposition"),
+                            "content": {
+                                "text/csv; charset=utf-8": {"schema": {"type": "string"}},
+                                "application/x-ndjson": {"schema": {"type": "string"}},
+                            },
+                        }
+                    },
+                    400,
+                    401,
+                    422,
+                    503,
+                ),
+                params=("start", "end", "format"),
                 security=SECURED,
             )
         },

@@ -3,6 +3,7 @@ clock every time decision reads, and the login guards."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +28,14 @@ class Context:
     metrics: Metrics | None = None  # served at /metrics; None (or DATAPROC_METRICS=false): 404
     throttle: auth.LoginThrottle = field(init=False)
     checker: auth.PasswordChecker = field(init=False)
+    exports: threading.BoundedSemaphore = field(init=False)  # slots of concurrent exports
 
     def __post_init__(self) -> None:
         self.throttle = auth.LoginThrottle(
             self.config.login_max_failures, self.config.login_window_s
         )
         self.checker = auth.PasswordChecker(self.config)
+        self.exports = threading.BoundedSemaphore(self.config.export_slots)
 
     def ingestor(self) -> ingest.Ingestor:
         """An ingestor for the configured upstream."""

@@ -80,18 +80,24 @@ def _datetime(text: str, name: str, problems: list[dict]) -> datetime | None:
         return None
 
 
+def parse_window(request: Request, problems: list[dict]) -> tuple[datetime | None, datetime | None]:
+    """The inclusive `start`..`end` of a read (either may be absent); problems recorded."""
+    bounds = {}
+    for name in ("start", "end"):
+        text = single_param(request, name, problems)
+        bounds[name] = _datetime(text, name, problems) if text is not None else None
+    start, end = bounds["start"], bounds["end"]
+    if start and end and start > end:
+        problems.append(problem("query", "start", "start must not be after end", "value_error"))
+    return start, end
+
+
 def parse_data_query(request: Request) -> DataQuery:
     """The validated parameters of GET /api/data (422 lists every bad one)."""
     problems: list[dict] = []
-    raw = {
-        name: single_param(request, name, problems)
-        for name in ("start", "end", "skip", "limit", "after")
-    }
-    values: dict[str, Any] = {}
-    for name in ("start", "end"):
-        text = raw[name]
-        if text is not None:
-            values[name] = _datetime(text, name, problems)
+    start, end = parse_window(request, problems)
+    raw = {name: single_param(request, name, problems) for name in ("skip", "limit", "after")}
+    values: dict[str, Any] = {"start": start, "end": end}
     if raw["skip"] is not None:
         values["skip"] = integer_param(raw["skip"], "skip", rules.SKIP, problems)
     if raw["limit"] is not None:
@@ -102,8 +108,6 @@ def parse_data_query(request: Request) -> DataQuery:
             problems.append(
                 problem("query", "after", "not a cursor from a Link header", "value_error")
             )
-    if values.get("start") and values.get("end") and values["start"] > values["end"]:
-        problems.append(problem("query", "start", "start must not be after end", "value_error"))
     if problems:
         raise ValidationError(problems)
     return DataQuery(**values)

@@ -84,6 +84,12 @@ def make_pool(
     )
 
 
+def conninfo_of(pool: ConnectionPool) -> str:
+    """The connection string `pool` was made with (for a connection of its own, as an export's)."""
+    conninfo = pool.conninfo
+    return conninfo if isinstance(conninfo, str) else conninfo()
+
+
 class _HeldConnectWarnings(logging.Filter):
     """Holds back psycopg_pool's warnings while a pool opens: a failed start is then one line
     (the command line's contract), with the last connection error as its reason."""
