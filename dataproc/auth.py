@@ -3,8 +3,11 @@
 Owns: the access/refresh token pair (claims of API.md: sub, role, type, iat, exp, jti, sid),
 sessions (a login starts one; a refresh token works once; reuse of a spent one ends the
 session; logout), the per-process record of which sessions are live, the checks on an
-`Authorization` header, the bcrypt queue and the throttle on repeated login failures. Leaves
-the HS256 mechanics to `jwt`, bcrypt to `passwords`, and every SQL statement to `store`.
+`Authorization` header, the bcrypt queue and the throttle on repeated login failures. Every
+function that decides by the time takes `now` (the handlers pass `ctx.clock()`, the one
+clock); nothing here reads the system clock (the bcrypt queue measures durations with a
+monotonic clock, which decides nothing about tokens). Leaves the HS256 mechanics to `jwt`,
+bcrypt to `passwords`, and every SQL statement to `store`.
 
 Sessions on the hot path: a request's session is looked up in the database once per process,
 then trusted until the shared `Listener` reports that it ended (a NOTIFY from a trigger, so
@@ -62,7 +65,7 @@ def issue_tokens(
     """A new access/refresh pair of session `sid`, as login and refresh return it."""
     issued = int(now)
 
-    def token(kind: str, ttl_s: int, key: str, jti: str) -> str:
+    def token(kind: str, ttl_s: int, jti: str) -> str:
         claims = {
             "sub": username,
             "role": role,
@@ -72,23 +75,22 @@ def issue_tokens(
             "jti": jti,
             "sid": sid,
         }
-        return jwt.encode(claims, key)
+        return jwt.encode(claims, signing_key(config, kind))
 
     return {
-        "access_token": token(ACCESS, config.access_ttl_s, signing_key(config, ACCESS), new_id()),
-        "refresh_token": token(
-            REFRESH, config.refresh_ttl_s, signing_key(config, REFRESH), refresh_jti
-        ),
+        "access_token": token(ACCESS, config.access_ttl_s, new_id()),
+        "refresh_token": token(REFRESH, config.refresh_ttl_s, refresh_jti),
         "token_type": "bearer",
         "expires_in": config.access_ttl_s,
     }
 
 
 def signing_key(config: Config, kind: str) -> str:
-    """The key of a token type (start-up refuses to serve without both)."""
+    """The key of `kind` tokens. `zeroconf.resolve` never serves without both; a `Config`
+    handed to `create_app` unresolved gets a 503, not a token signed with nothing."""
     key = config.jwt_secret_key if kind == ACCESS else config.jwt_refresh_secret_key
     if not key:
-        raise RuntimeError("no signing key configured")  # open_database refuses this at start
+        raise ApiError(503, "no signing keys configured")
     return key
 
 
@@ -104,8 +106,8 @@ def refresh_expiry(config: Config, now: float) -> datetime:
 
 
 def token_claims(config: Config, token: str, kind: str, now: float) -> dict[str, Any]:
-    """The claims of a token that verifies, has the right type, a subject and a session (no
-    database). A token without `sid` was issued before sessions existed: refused."""
+    """The claims of a token that verifies at `now`, has the right type, a subject and a
+    session (no database). A token without `sid` was issued before sessions existed: refused."""
     try:
         claims = jwt.decode(token, signing_key(config, kind), now=now, leeway=5, expected_type=kind)
     except jwt.InvalidToken as error:
@@ -226,26 +228,34 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def access_claims(request: Request, config: Config, sessions: SessionRegistry) -> dict[str, Any]:
-    """The claims of a request's valid access token of a live session (no round trip once
-    this process knows the session); the caller checks the user exists."""
-    now = time.time()
+def access_claims(
+    request: Request, config: Config, sessions: SessionRegistry, now: float
+) -> dict[str, Any]:
+    """The claims of a request's access token valid at `now`, of a session live at `now` (no
+    round trip once this process knows the session); the caller checks the user exists."""
     claims = token_claims(config, bearer_token(request), ACCESS, now)
     if not sessions.is_live(claims["sid"], now):
         raise session_ended()
     return claims
 
 
-def access_token_subject(request: Request, config: Config, sessions: SessionRegistry) -> str:
-    """The username of a request's valid access token of a live session."""
-    return access_claims(request, config, sessions)["sub"]
+def access_token_subject(
+    request: Request, config: Config, sessions: SessionRegistry, now: float
+) -> str:
+    """The username of a request's access token valid at `now`, of a live session; the caller
+    checks the user exists."""
+    return access_claims(request, config, sessions, now)["sub"]
 
 
 def current_caller(
-    request: Request, config: Config, pool: ConnectionPool, sessions: SessionRegistry
+    request: Request,
+    config: Config,
+    pool: ConnectionPool,
+    sessions: SessionRegistry,
+    now: float,
 ) -> Caller:
-    """The caller of a request carrying a valid access token of a live session."""
-    claims = access_claims(request, config, sessions)
+    """The caller of a request carrying an access token valid at `now`, of a live session."""
+    claims = access_claims(request, config, sessions, now)
     role = store.user_role(pool, claims["sub"])
     if role is None:
         raise user_gone()
@@ -292,10 +302,10 @@ def logout(
     sessions: SessionRegistry,
     request: Request,
     refresh_token: str | None,
+    now: float,
 ) -> None:
-    """End the session of the request's bearer access token, or else of `refresh_token`;
-    401 when there is neither, or the session had ended already."""
-    now = time.time()
+    """End the session of the request's bearer access token, or else of `refresh_token`
+    (either checked at `now`); 401 when there is neither, or the session had ended already."""
     if request.headers.get("authorization") or refresh_token is None:
         sid = token_claims(config, bearer_token(request), ACCESS, now)["sid"]
         current: bool | None = session_store.end_session(pool, sid, "logout") or None

@@ -3,16 +3,13 @@ the signup rules for a username and a password that the other account endpoints 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from .. import auth, store
+from .. import auth, rules, store
 from ..errors import ApiError, ValidationError, problem
 from ..store import sessions as session_store
 from ..web import Request, Response, read_body
 from .context import Context
-
-USERNAME = re.compile(r"[A-Za-z0-9._@-]{3,64}")
 
 
 def _body(request: Request, ctx: Context) -> dict[str, Any]:
@@ -35,26 +32,24 @@ def _string_fields(
 
 
 def username_problem(where: str, name: str = "username") -> dict:
-    """The 422 entry of a username that breaks the signup rule."""
-    return problem(
-        where, name, "3 to 64 characters from A-Z a-z 0-9 . _ @ -", "string_pattern_mismatch"
-    )
+    """The 422 entry of a username that breaks the signup rule (`rules.USERNAME`)."""
+    return problem(where, name, rules.USERNAME_RULE, "string_pattern_mismatch")
 
 
 def password_problem(password: str, name: str, ctx: Context) -> dict | None:
     """The 422 entry of a new password that breaks the signup rule, or None."""
-    size, minimum = len(password.encode()), ctx.config.password_min_bytes
-    if minimum <= size <= 72:
+    minimum = ctx.config.password_min_bytes
+    if rules.password_fits(password, minimum):
         return None
-    kind = "string_too_short" if size < minimum else "string_too_long"
-    return problem("body", name, f"must be {minimum} to 72 bytes of UTF-8", kind)
+    kind = "string_too_short" if len(password.encode()) < minimum else "string_too_long"
+    return problem("body", name, rules.password_rule(minimum), kind)
 
 
 def signup(request: Request, ctx: Context) -> Response:
     """POST /auth/signup: create a user (never an admin). The name is claimed before the
     password is hashed, so a burst of signups of one name costs one hash (API.md Bursts)."""
     values, problems = _string_fields(_body(request, ctx), ("username", "password"))
-    if "username" in values and not USERNAME.fullmatch(values["username"]):
+    if "username" in values and not rules.USERNAME.fullmatch(values["username"]):
         problems.append(username_problem("body"))
     if "password" in values and (bad := password_problem(values["password"], "password", ctx)):
         problems.append(bad)
@@ -84,10 +79,11 @@ def login(request: Request, ctx: Context) -> Response:
     username, now = values["username"], ctx.clock()
     ctx.throttle.check(username, request.client, now)
     user = store.get_user(ctx.pool, username) if len(username) <= 256 else None
-    if not ctx.checker.verify(values["password"], user.hashed_password if user else None):
+    # An unknown user costs one (dummy) bcrypt check too, so the time tells nothing.
+    matches = ctx.checker.verify(values["password"], user.hashed_password if user else None)
+    if user is None or not matches:
         ctx.throttle.failed(username, request.client, now)
         raise ApiError(400, "Incorrect username or password")
-    assert user is not None  # verify is False without a stored hash
     ctx.throttle.succeeded(username)
     return Response.json(auth.start_session(ctx.config, ctx.pool, user, now))
 

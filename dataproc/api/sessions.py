@@ -18,14 +18,14 @@ def logout(request: Request, ctx: Context) -> Response:
         raise ValidationError(
             [problem("body", "refresh_token", "Input should be a valid string", "string_type")]
         )
-    auth.logout(ctx.config, ctx.pool, ctx.sessions, request, token)
+    auth.logout(ctx.config, ctx.pool, ctx.sessions, request, token, ctx.clock())
     return Response(204)
 
 
 def change_password(request: Request, ctx: Context) -> Response:
     """POST /auth/password: check the current password (throttled as a login), set the new
     one (signup rules), and end every other session of the user; 204."""
-    caller = auth.current_caller(request, ctx.config, ctx.pool, ctx.sessions)
+    caller = auth.current_caller(request, ctx.config, ctx.pool, ctx.sessions, ctx.clock())
     values, problems = _string_fields(_body(request, ctx), ("current_password", "new_password"))
     if "new_password" in values and (
         bad := password_problem(values["new_password"], "new_password", ctx)

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import auth
+from .. import auth, rules
 from ..errors import ApiError, ValidationError, problem
 from ..store import sessions as session_store
 from ..web import Request, Response, path_param
-from .accounts import USERNAME, _body, password_problem, username_problem
+from .accounts import _body, password_problem, username_problem
 from .context import Context
-from .params import MAX_SKIP, integer_param, single_param
+from .params import integer_param, single_param
 
 ROLES = ("user", "admin")
 LAST_ADMIN = "the last admin cannot be removed"
 
 
 def _admin(request: Request, ctx: Context) -> auth.Caller:
-    caller = auth.current_caller(request, ctx.config, ctx.pool, ctx.sessions)
+    caller = auth.current_caller(request, ctx.config, ctx.pool, ctx.sessions, ctx.clock())
     auth.require_admin(caller)
     return caller
 
@@ -37,7 +37,7 @@ def _account(account: session_store.Account) -> dict[str, Any]:
 
 def _username(request: Request) -> str:
     username = path_param(request, "username")
-    if not USERNAME.fullmatch(username):
+    if not rules.USERNAME.fullmatch(username):
         raise ValidationError([username_problem("path")])
     return username
 
@@ -46,11 +46,12 @@ def list_users(request: Request, ctx: Context) -> Response:
     """GET /api/users: users ordered by username, `skip`/`limit` as in /api/data."""
     _admin(request, ctx)
     problems: list[dict] = []
-    raw_skip, raw_limit = (single_param(request, n, problems) for n in ("skip", "limit"))
-    skip = integer_param(raw_skip, "skip", 0, MAX_SKIP, problems) if raw_skip is not None else 0
-    limit = integer_param(raw_limit, "limit", 1, 1000, problems) if raw_limit is not None else 100
-    if problems or skip is None or limit is None:
+    skip = integer_param(single_param(request, "skip", problems), "skip", rules.SKIP, problems)
+    limit = integer_param(single_param(request, "limit", problems), "limit", rules.LIMIT, problems)
+    if problems:
         raise ValidationError(problems)
+    skip = rules.DEFAULT_SKIP if skip is None else skip
+    limit = rules.DEFAULT_LIMIT if limit is None else limit
     accounts = session_store.list_users(ctx.pool, skip, limit)
     return Response.json([_account(account) for account in accounts])
 

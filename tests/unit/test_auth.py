@@ -1,5 +1,8 @@
-"""auth without a server: the bcrypt queue's expected wait and its refusal at once, the claims a
-token must carry, and the per-process record of live sessions against real PostgreSQL."""
+"""Unit tests of `dataproc.auth`. Without a server: the bcrypt queue's expected wait and its
+refusal at once, the claims a token must carry, and the per-process record of live sessions
+against real PostgreSQL. Through the handlers, on one clock (the `Context`'s): a test moves
+that clock (no sleeping) and every time decision follows it: access and refresh token expiry
+on every route that checks a token, and the login throttle's window."""
 
 from __future__ import annotations
 
@@ -9,10 +12,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from dataproc import auth, jwt, store
+from dataproc import api, auth, jwt, store
 from dataproc.errors import ApiError
+from dataproc.server import HttpServer
 from dataproc.store import sessions as session_store
-from support import ACCESS_KEY, create_user, make_config
+from dataproc.web import make_app
+from support import ACCESS_KEY, Client, create_user, login, make_config
 
 
 def test_the_expected_wait_follows_the_queue_and_the_measured_hash_time():
@@ -81,3 +86,69 @@ def test_the_registry_fails_closed_and_trusts_only_while_it_can_hear(clean_db):
     listener.callback("sid-2")
     assert not registry.is_live("sid-2", now)  # ...and refused once heard
     assert not registry.is_live("sid-2", expires.timestamp() + 1)
+
+
+# --- through the handlers, on the Context's clock -------------------------------------------
+
+
+class Clock:
+    """A clock a test sets by hand."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def moved(database_url, clean_db, upstream):
+    """(client, clock, config) of a service whose handlers read `clock`."""
+    config = make_config(database_url, upstream_url=upstream[1], login_max_failures=2)
+    clock = Clock(1_700_000_000.0)  # November 2023: long before any run of this test
+    server = HttpServer(config, make_app(api.build_router(api.Context(config, clean_db, clock))))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    client = Client(f"http://127.0.0.1:{server.port}/")
+    create_user(clean_db, "root", "root-password", "admin")
+    yield client, clock, config
+    client.close()
+    server.drain(1)
+    thread.join(timeout=5)
+
+
+def test_tokens_are_issued_and_checked_on_the_context_clock(moved):
+    client, clock, config = moved
+    pair = login(client, "root", "root-password")  # issued at the clock's time, not the system's
+    token = pair["access_token"]
+    assert client.get("/api/data", token=token).status == 200
+    assert client.get("/api/populate", token=token).status == 200
+    clock.now += config.access_ttl_s + 60  # past the access token's life (and its leeway)
+    for path in ("/api/data", "/api/populate"):
+        reply = client.get(path, token=token)
+        assert reply.status == 401 and "expired" in reply.json()["detail"], (path, reply.body)
+    fresh = client.post("/auth/refresh", body={"refresh_token": pair["refresh_token"]})
+    assert fresh.status == 200
+    clock.now += config.refresh_ttl_s
+    again = client.post("/auth/refresh", body={"refresh_token": pair["refresh_token"]})
+    assert again.status == 401
+
+
+def test_a_token_from_the_clock_future_is_not_yet_valid_now(moved):
+    client, clock, _ = moved
+    clock.now += 3600
+    token = login(client, "root", "root-password")["access_token"]
+    clock.now -= 3600
+    reply = client.get("/api/data", token=token)
+    assert reply.status == 401 and "issued in the future" in reply.json()["detail"], reply.body
+
+
+def test_the_login_throttle_window_runs_on_the_context_clock(moved):
+    client, clock, config = moved
+    for _ in range(config.login_max_failures):
+        wrong = {"username": "root", "password": "wrong-password"}
+        assert client.post("/auth/login", form=wrong).status == 400
+    right = {"username": "root", "password": "root-password"}
+    assert client.post("/auth/login", form=right).status == 429
+    clock.now += config.login_window_s + 1
+    assert client.post("/auth/login", form=right).status == 200
