@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,7 +295,7 @@ def bench_table_size(r: Replicas, logins: int) -> dict:
         before = conn.execute(size_sql).fetchone()
     time.sleep(1.5)  # every refresh lifetime runs out
     started = time.perf_counter()
-    removed = session_store.sweep_sessions(r.pool, 86_400)
+    removed = session_store.sweep_sessions(r.pool, 86_400, datetime.now(UTC))
     sweep_s = time.perf_counter() - started
     with store.connection(r.pool) as conn:
         after = conn.execute(size_sql).fetchone()

@@ -102,7 +102,12 @@ def claim_stale_s(config: Config) -> float:
 
 def refresh_expiry(config: Config, now: float) -> datetime:
     """When a refresh token issued now (and so its session, unless refreshed) expires."""
-    return datetime.fromtimestamp(int(now) + config.refresh_ttl_s, UTC)
+    return _instant(int(now) + config.refresh_ttl_s)
+
+
+def _instant(seconds: float) -> datetime:
+    """Unix seconds as an aware UTC datetime, as the store compares `expires_at` with it."""
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def token_claims(config: Config, token: str, kind: str, now: float) -> dict[str, Any]:
@@ -280,7 +285,7 @@ def refresh_session(
     claims = token_claims(config, token, REFRESH, now)
     sid, next_jti = claims["sid"], new_id()
     user = session_store.rotate_refresh(
-        pool, sid, claims["jti"], next_jti, refresh_expiry(config, now)
+        pool, sid, claims["jti"], next_jti, refresh_expiry(config, now), _instant(now)
     )
     if user is None:
         # Spent, or the session ended (logout, reuse, expiry, its user deleted). Spent is

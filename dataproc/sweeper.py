@@ -13,6 +13,9 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from psycopg_pool import ConnectionPool
 
@@ -35,8 +38,10 @@ class SessionSweeper:
         interval_s: float = SWEEP_INTERVAL_S,
         keep_ended_s: float = KEEP_ENDED_S,
         stale_claim_s: float | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.pool, self.interval_s, self.keep_ended_s = pool, interval_s, keep_ended_s
+        self.clock = clock  # expiry is decided on the clock the tokens were issued on
         self.stale_claim_s = stale_claim_s  # None: leave claims alone
         self.removed = 0  # sessions this process has deleted
         self._stop = threading.Event()
@@ -55,7 +60,8 @@ class SessionSweeper:
 
     def sweep(self) -> int | None:
         """One sweep now: the sessions removed, or None when another replica was sweeping."""
-        removed = session_store.sweep_sessions(self.pool, self.keep_ended_s)
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        removed = session_store.sweep_sessions(self.pool, self.keep_ended_s, now)
         if removed is not None and self.stale_claim_s is not None:
             claims = session_store.delete_stale_claims(self.pool, self.stale_claim_s)
             if claims:

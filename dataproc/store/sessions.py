@@ -7,6 +7,11 @@ delete) with the last-admin rule. Leaves tokens and what a session means to `aut
 A session ends by setting `ended_at` (a trigger in schema.sql then NOTIFYs
 `dataproc_sessions`); every function that ends sessions returns their ids, so that the
 replica that ended them forgets them at once, before the NOTIFY comes back.
+
+Whether a session has *expired* is decided on the service's clock (`auth` passes its `now`),
+never PostgreSQL's `now()`: `expires_at` is written from that clock, and a test that moves
+the `Context`'s clock moves session expiry with token expiry. `now()` only stamps events
+(`ended_at`, `refreshed_at`, `created_at`) and what is measured from them.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ ROTATE_REFRESH = """
 UPDATE sessions s SET refresh_jti = %(new_jti)s, expires_at = %(expires_at)s, refreshed_at = now()
 FROM users u
 WHERE s.id = %(sid)s AND s.refresh_jti = %(jti)s AND s.ended_at IS NULL
-  AND s.expires_at > now() AND u.id = s.user_id
+  AND s.expires_at > %(now)s AND u.id = s.user_id
 RETURNING u.username, u.role"""
 
 END_SESSION = """
@@ -44,8 +49,8 @@ UPDATE sessions SET ended_at = now(),
   end_reason = CASE WHEN refresh_jti = %(jti)s THEN 'logout' ELSE 'refresh token reuse' END
 WHERE id = %(sid)s AND ended_at IS NULL RETURNING refresh_jti = %(jti)s"""
 
-SELECT_LIVE_SESSION = """
-SELECT expires_at FROM sessions WHERE id = %s AND ended_at IS NULL AND expires_at > now()"""
+# Not ended; whether it has expired is the caller's comparison, on its clock.
+SELECT_LIVE_SESSION = "SELECT expires_at FROM sessions WHERE id = %s AND ended_at IS NULL"
 
 END_USER_SESSIONS = """
 UPDATE sessions SET ended_at = now(), end_reason = %(reason)s
@@ -55,12 +60,13 @@ SET_PASSWORD = "UPDATE users SET hashed_password = %s WHERE id = %s"
 
 SWEEP_LOCK_KEY = 7261657273  # shared by every replica; neither the schema's nor the poller's
 TRY_SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
-# Expired sessions, and ended ones once a day has passed (kept that long to tell a spent
-# token from an unknown one in the logs), in batches so no statement holds locks for long.
+# Expired sessions (on the service's clock), and ended ones once a day has passed (kept that
+# long to tell a spent token from an unknown one in the logs; `ended_at` is PostgreSQL's), in
+# batches so no statement holds locks for long.
 SWEEP_SESSIONS = """
 DELETE FROM sessions WHERE id IN (
   SELECT id FROM sessions
-  WHERE expires_at < now() OR ended_at < now() - %(keep_ended_s)s * interval '1 second'
+  WHERE expires_at < %(now)s OR ended_at < now() - %(keep_ended_s)s * interval '1 second'
   LIMIT %(batch)s)"""
 
 
@@ -73,11 +79,12 @@ def start_session(
 
 
 def rotate_refresh(
-    pool: ConnectionPool, sid: str, jti: str, new_jti: str, expires_at: datetime
+    pool: ConnectionPool, sid: str, jti: str, new_jti: str, expires_at: datetime, now: datetime
 ) -> tuple[str, str] | None:
-    """Spend refresh token `jti` of live session `sid` for `new_jti`: the user's (name, role),
-    or None when `jti` is not the session's current token or the session is not live."""
-    params = {"sid": sid, "jti": jti, "new_jti": new_jti, "expires_at": expires_at}
+    """Spend refresh token `jti` of session `sid`, live at `now`, for `new_jti`: the user's
+    (name, role), or None when `jti` is not the session's current token or the session is not
+    live."""
+    params = {"sid": sid, "jti": jti, "new_jti": new_jti, "expires_at": expires_at, "now": now}
     with connection(pool) as conn:
         row = conn.execute(ROTATE_REFRESH, params).fetchone()
     return (row[0], row[1]) if row else None
@@ -98,7 +105,8 @@ def end_with_refresh(pool: ConnectionPool, sid: str, jti: str) -> bool | None:
 
 
 def live_session_expiry(pool: ConnectionPool, sid: str) -> datetime | None:
-    """When live session `sid` expires, or None when it ended, expired or never existed."""
+    """When session `sid` expires (perhaps already: the caller compares with its clock), or
+    None when it ended or never existed."""
     row = read_one(pool, SELECT_LIVE_SESSION, (sid,))
     return row[0] if row else None
 
@@ -113,8 +121,10 @@ def change_password(
         return [row[0] for row in conn.execute(END_USER_SESSIONS, params).fetchall()]
 
 
-def sweep_sessions(pool: ConnectionPool, keep_ended_s: float, batch: int = 10_000) -> int | None:
-    """Delete expired sessions and ended ones older than `keep_ended_s`, one batch per
+def sweep_sessions(
+    pool: ConnectionPool, keep_ended_s: float, now: datetime, batch: int = 10_000
+) -> int | None:
+    """Delete sessions expired at `now` and ended ones older than `keep_ended_s`, one batch per
     transaction under a lock only one replica gets; the rows removed, or None when another
     replica holds the lock."""
     removed = 0
@@ -124,7 +134,7 @@ def sweep_sessions(pool: ConnectionPool, keep_ended_s: float, batch: int = 10_00
             if not (locked and locked[0]):
                 return None if removed == 0 else removed
             count = conn.execute(
-                SWEEP_SESSIONS, {"keep_ended_s": keep_ended_s, "batch": batch}
+                SWEEP_SESSIONS, {"keep_ended_s": keep_ended_s, "now": now, "batch": batch}
             ).rowcount
         removed += count
         if count < batch:

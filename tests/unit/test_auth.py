@@ -1,6 +1,6 @@
 """Unit tests of `dataproc.auth`. Without a server: the bcrypt queue's expected wait and its
-refusal at once, the claims a token must carry, and the per-process record of live sessions
-against real PostgreSQL. Through the handlers, on one clock (the `Context`'s): a test moves
+refusal at once, the claims a token must carry, the per-process record of live sessions, and
+session expiry decided on the caller's clock, against real PostgreSQL. Through the handlers, on one clock (the `Context`'s): a test moves
 that clock (no sleeping) and every time decision follows it: access and refresh token expiry
 on every route that checks a token, and the login throttle's window."""
 
@@ -86,6 +86,23 @@ def test_the_registry_fails_closed_and_trusts_only_while_it_can_hear(clean_db):
     listener.callback("sid-2")
     assert not registry.is_live("sid-2", now)  # ...and refused once heard
     assert not registry.is_live("sid-2", expires.timestamp() + 1)
+
+
+def test_a_session_expires_on_the_callers_clock_not_the_databases(clean_db):
+    create_user(clean_db, "old", "password-1")
+    user = store.get_user(clean_db, "old")
+    then = 1_700_000_000.0  # November 2023: long expired by PostgreSQL's now()
+    expires = datetime.fromtimestamp(then + 3600, UTC)
+    session_store.start_session(clean_db, user.id, "sid-then", "jti-1", expires)
+    registry = auth.SessionRegistry(clean_db, DeafListener())
+    assert registry.is_live("sid-then", then)
+    assert not registry.is_live("sid-then", then + 3601)
+    later = datetime.fromtimestamp(then + 3601, UTC)
+    assert session_store.rotate_refresh(clean_db, "sid-then", "jti-1", "j2", expires, later) is None
+    spent = session_store.rotate_refresh(
+        clean_db, "sid-then", "jti-1", "jti-2", expires, datetime.fromtimestamp(then, UTC)
+    )
+    assert spent == ("old", "user")
 
 
 # --- through the handlers, on the Context's clock -------------------------------------------

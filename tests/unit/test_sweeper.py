@@ -44,10 +44,19 @@ def test_a_sweep_removes_expired_and_day_old_ended_sessions_only(clean_db, user_
     assert SessionSweeper(clean_db).sweep() == 0
 
 
+def test_expiry_is_decided_on_the_sweepers_clock(clean_db, user_id):
+    # Expired by the real clock, not yet by one a day behind it (a test's Context clock).
+    add(clean_db, user_id, "expired-today", NOW - timedelta(hours=1))
+    day_ago = (NOW - timedelta(days=1)).timestamp()
+    assert SessionSweeper(clean_db, clock=lambda: day_ago).sweep() == 0
+    assert sids(clean_db) == {"expired-today"}
+    assert SessionSweeper(clean_db).sweep() == 1
+
+
 def test_sweeps_run_in_batches(clean_db, user_id):
     for i in range(25):
         add(clean_db, user_id, f"old-{i}", NOW - timedelta(minutes=1))
-    assert session_store.sweep_sessions(clean_db, 86_400, batch=10) == 25
+    assert session_store.sweep_sessions(clean_db, 86_400, datetime.now(UTC), batch=10) == 25
     assert sids(clean_db) == set()
 
 
