@@ -1,8 +1,9 @@
 """Unit tests of `dataproc.auth`. Without a server: the bcrypt queue's expected wait and its
 refusal at once, the claims a token must carry, the per-process record of live sessions, and
-session expiry decided on the caller's clock, against real PostgreSQL. Through the handlers, on one clock (the `Context`'s): a test moves
-that clock (no sleeping) and every time decision follows it: access and refresh token expiry
-on every route that checks a token, and the login throttle's window."""
+session expiry decided on the caller's clock, against real PostgreSQL. Through the handlers,
+on one clock (the `Context`'s): a test moves that clock (no sleeping) and every time decision
+follows it: access and refresh token expiry on every route that checks a token, and the login
+throttle's window."""
 
 from __future__ import annotations
 
