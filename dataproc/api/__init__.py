@@ -14,7 +14,7 @@ from functools import partial
 
 from ..errors import ApiError
 from ..web import Request, Response, Router
-from . import accounts, data, ingestion, service
+from . import accounts, data, ingestion, service, summary
 from .accounts import USERNAME
 from .context import Context
 from .params import decode_cursor, encode_cursor, parse_data_query
@@ -33,6 +33,7 @@ Handler = Callable[[Request, Context], Response]
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     *accounts.ROUTES,
     *data.ROUTES,
+    *summary.ROUTES,
     *ingestion.ROUTES,
     *service.ROUTES,
 )

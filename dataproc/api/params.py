@@ -65,7 +65,8 @@ def integer_param(text: str, name: str, low: int, high: int, problems: list[dict
     return None
 
 
-def _datetime(text: str, name: str, problems: list[dict]) -> datetime | None:
+def datetime_param(text: str, name: str, problems: list[dict]) -> datetime | None:
+    """`text` as an aware UTC datetime, or None with the problem recorded."""
     try:
         return source.parse_time(text)
     except ValueError as error:
@@ -85,7 +86,7 @@ def parse_data_query(request: Request) -> DataQuery:
     values: dict[str, Any] = {}
     for name in ("start", "end"):
         if raw[name] is not None:
-            values[name] = _datetime(raw[name], name, problems)
+            values[name] = datetime_param(raw[name], name, problems)
     if raw["skip"] is not None:
         values["skip"] = integer_param(raw["skip"], "skip", 0, MAX_SKIP, problems)
     if raw["limit"] is not None:
