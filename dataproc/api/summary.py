@@ -9,7 +9,7 @@ shape. The query, and where each piece of the window is read from (rollups or ra
 
 from __future__ import annotations
 
-import math
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -144,46 +144,30 @@ def _window(
     return start, end
 
 
-def _bucket_json(bucket: rollups.Bucket) -> dict:
-    mean = bucket.sum / bucket.finite if bucket.finite and bucket.sum is not None else None
-    return {
-        "time": format_time(bucket.start),
-        "count": bucket.count,
-        "valid": bucket.valid,
-        "min": bucket.min,
-        "max": bucket.max,
-        # A sum can overflow to infinity only with values near 1e308 (never a float32).
-        "mean": mean if mean is not None and math.isfinite(mean) else None,
-    }
-
-
 def summary(request: Request, ctx: Context) -> Response:
     """GET /api/data/summary: non-empty epoch-aligned buckets of the visible points."""
     username = auth.access_token_subject(request, ctx.config)
     query = parse_summary_query(request)
     start, end = _window(ctx, username, query)
     if start is None or end is None:  # no visible point and no bound: nothing to bucket
-        size = query.bucket_s or DEFAULT_SIZES[0]
-        return _response(None, None, size, [])
+        return _response(None, None, query.bucket_s or DEFAULT_SIZES[0], b"[]")
     size = choose_bucket(start, end, query.bucket_s)
-    role, buckets = rollups.summarize(ctx.pool, username, start, end, size)
+    role, buckets, _ = rollups.summarize(ctx.pool, username, start, end, size)
     if role is None:
         raise auth.user_gone()
-    return _response(start, end, size, [_bucket_json(b) for b in buckets])
+    return _response(start, end, size, buckets)
 
 
-def _response(
-    start: datetime | None, end: datetime | None, size: int, buckets: list[dict]
-) -> Response:
-    return Response.json(
-        {
-            "start": format_time(start) if start else None,
-            "end": format_time(end) if end else None,
-            "bucket": label(size),
-            "bucket_s": size,
-            "buckets": buckets,
-        }
-    )
+def _response(start: datetime | None, end: datetime | None, size: int, buckets: bytes) -> Response:
+    """The answer, its buckets' JSON passed through as PostgreSQL built it."""
+    head = {
+        "start": format_time(start) if start else None,
+        "end": format_time(end) if end else None,
+        "bucket": label(size),
+        "bucket_s": size,
+    }
+    body = json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"buckets":' + buckets + b"}"
+    return Response.raw_json(body)
 
 
 ROUTES = (("GET", "/api/data/summary", summary),)

@@ -10,7 +10,6 @@ Leaves to callers what a bucket size or window may be.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from psycopg_pool import ConnectionPool
@@ -23,19 +22,6 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MINUTE_US = 60_000_000
 HOUR_US = 3_600_000_000
 ONE_US = timedelta(microseconds=1)
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """One non-empty bucket as the viewer sees it; min/max/sum over finite values."""
-
-    start: datetime
-    count: int
-    valid: int
-    finite: int
-    sum: float | None
-    min: float | None
-    max: float | None
 
 
 def to_micros(moment: datetime) -> int:
@@ -110,6 +96,15 @@ _ROLLUP_PIECE = """
   WHERE width_s = {width} AND bucket_start >= %({name}_from)s AND bucket_start < %({name}_to)s
     AND (SELECT ok FROM ready) AND (a.admin OR valid > 0)"""
 
+# One bucket as JSON, built by PostgreSQL as the points of /api/data are (the same float text):
+# a bucket starts on a whole second, so its time has no fraction; the mean of values near
+# 1e308 can overflow to infinity, which JSON cannot hold: null then.
+_BUCKET_JSON = """('{"time":"' || to_char(b AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+    || 'Z","count":' || n || ',"valid":' || v
+    || ',"min":' || coalesce(lo::text, 'null') || ',"max":' || coalesce(hi::text, 'null')
+    || ',"mean":' || CASE WHEN f > 0 AND s / f NOT IN ('Infinity', '-Infinity', 'NaN')
+                          THEN (s / f)::text ELSE 'null' END || '}')"""
+
 # One round trip: the viewer's role, whether the rollups are complete (else the first raw
 # piece stretches over the whole window and the rollup pieces stay empty), then every piece
 # aggregated into the buckets. A viewer who no longer exists gets a NULL role and no rows.
@@ -126,13 +121,11 @@ pieces AS (
   {_ROLLUP_PIECE.format(name="min2", width=60)}
   UNION ALL
   {_ROLLUP_PIECE.format(name="hours", width=3600)})
-SELECT (SELECT role FROM viewer), b, sum(n)::bigint, sum(v)::bigint, sum(f)::bigint,
-       sum(s), min(lo), max(hi)
-FROM (SELECT NULL::timestamptz AS b, 0 AS n, 0 AS v, 0 AS f, NULL::float8 AS s,
-             NULL::float8 AS lo, NULL::float8 AS hi
-      WHERE false
-      UNION ALL SELECT * FROM pieces) p
-GROUP BY b ORDER BY b"""
+SELECT (SELECT role FROM viewer), count(*),
+       '[' || coalesce(string_agg({_BUCKET_JSON}, ',' ORDER BY b), '') || ']'
+FROM (SELECT b, sum(n) AS n, sum(v) AS v, sum(f) AS f, sum(s) AS s, min(lo) AS lo,
+             max(hi) AS hi
+      FROM pieces GROUP BY b) g"""
 
 # The first and last point the viewer can see inside the given bounds (for a missing
 # `start` or `end`), with the viewer's role.
@@ -157,21 +150,21 @@ def visible_span(
 
 def summarize(
     pool: ConnectionPool, viewer: str, start: datetime, end: datetime, bucket_s: int
-) -> tuple[str | None, list[Bucket]]:
-    """(role, buckets): the non-empty epoch-aligned buckets of `start..end` (inclusive) as
-    `viewer` may see them, in time order. Role None: no such viewer (and no buckets)."""
+) -> tuple[str | None, bytes, int]:
+    """(role, buckets, how many): the non-empty epoch-aligned buckets of `start..end`
+    (inclusive) as `viewer` may see them, in time order, as a JSON array (bytes). Role None:
+    no such viewer."""
     params = {
         "viewer": viewer,
         "stride": timedelta(seconds=bucket_s),
         "epoch": EPOCH,
         **plan_pieces(start, end, bucket_s),
     }
-    with connection(pool) as conn:
-        rows = conn.execute(SELECT_SUMMARY, params).fetchall()
-    if not rows:  # no bucket: the role still has to be known
-        role, _, _ = visible_span(pool, viewer, start, start)
-        return role, []
-    return rows[0][0], [Bucket(*row[1:]) for row in rows]
+    row = read_one(pool, SELECT_SUMMARY, params)
+    if row is None:  # an aggregate always answers one row; this is for the type checker
+        return None, b"[]", 0
+    role, count, body = row
+    return role, body.encode(), int(count)
 
 
 # --- the rebuild (init-db) ------------------------------------------------------------------
