@@ -188,7 +188,7 @@ DELETE FROM data_rollups
 WHERE bucket_start >= coalesce(%(low)s::timestamptz, '-infinity') AND bucket_start < coalesce(%(high)s::timestamptz, 'infinity')"""
 BUILD_RANGE = """
 INSERT INTO data_rollups
-SELECT %(width)s, date_bin(%(stride)s, time, %(epoch)s), count(*), count(*) FILTER (WHERE valid),
+SELECT %(width)s, date_bin(%(stride)s, time, %(epoch)s), 0, count(*), count(*) FILTER (WHERE valid),
        count(*) FILTER (WHERE fin), sum(value) FILTER (WHERE fin),
        min(value) FILTER (WHERE fin), max(value) FILTER (WHERE fin),
        count(*) FILTER (WHERE fin AND valid), sum(value) FILTER (WHERE fin AND valid),

@@ -44,10 +44,12 @@ SELECT w, date_bin(make_interval(secs => w), time, timestamptz 'epoch') AS b,
 FROM (SELECT *, value NOT IN ('NaN', 'Infinity', '-Infinity') AS fin FROM data_points) p,
      (VALUES (60), (3600)) AS widths(w)
 GROUP BY 1, 2 ORDER BY 1, 2"""
+# The stored rollups, each interval's shards added up (as the summary reads them).
 STORED = """
-SELECT width_s, bucket_start, count, valid, finite_count, sum, min, max,
-       valid_finite_count, valid_sum, valid_min, valid_max
-FROM data_rollups ORDER BY 1, 2"""
+SELECT width_s, bucket_start, sum(count)::bigint, sum(valid)::bigint, sum(finite_count)::bigint,
+       sum(sum), min(min), max(max), sum(valid_finite_count)::bigint, sum(valid_sum),
+       min(valid_min), max(valid_max)
+FROM data_rollups GROUP BY 1, 2 ORDER BY 1, 2"""
 
 
 def close(a, b) -> bool:
@@ -107,7 +109,8 @@ def test_single_row_inserts_add_up(clean_db):
     assert assert_rollups_exact(clean_db) == 4  # three minutes, one hour
     with store.connection(clean_db) as conn:
         row = conn.execute(
-            "SELECT count, valid, finite_count, min, max FROM data_rollups WHERE width_s = 3600"
+            "SELECT sum(count), sum(valid), sum(finite_count), min(min), max(max) "
+            "FROM data_rollups WHERE width_s = 3600"
         ).fetchone()
     assert row == (5, 3, 3, -2.0, 1.5)
 
@@ -167,7 +170,7 @@ def test_updates_of_time_value_and_validity_move_the_counts(points):
 
 
 def test_a_tags_only_update_touches_no_rollup(points):
-    versions = "SELECT width_s, bucket_start, xmin::text FROM data_rollups ORDER BY 1, 2"
+    versions = "SELECT width_s, bucket_start, shard, xmin::text FROM data_rollups ORDER BY 1, 2, 3"
     with store.connection(points) as conn:
         before = conn.execute(versions).fetchall()
         conn.execute("UPDATE data_points SET tags = '{x}'")
@@ -203,9 +206,9 @@ def test_parallel_inserts_into_one_minute_lose_no_count_and_never_deadlock(clean
     assert errors == []
     assert_rollups_exact(clean_db)
     with store.connection(clean_db) as conn:
-        assert conn.execute("SELECT count FROM data_rollups WHERE width_s = 3600").fetchone() == (
-            720,
-        )
+        assert conn.execute(
+            "SELECT sum(count) FROM data_rollups WHERE width_s = 3600"
+        ).fetchone() == (720,)
 
 
 def test_parallel_deletes_and_inserts_in_one_minute_stay_exact(points, database_url):
