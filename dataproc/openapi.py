@@ -19,7 +19,7 @@ from . import __version__
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
-SECURED = [{"bearerAuth": []}, {"OAuth2PasswordBearer": []}]
+SECURED: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"OAuth2PasswordBearer": []}]
 
 
 def _ref(kind: str, name: str) -> dict:
@@ -378,7 +378,7 @@ BODY_ERRORS = (400, 413, 415, 422)
 
 
 def _paths() -> dict[str, Any]:
-    populate = dict(
+    populate: dict[str, Any] = dict(
         params=("count",),
         security=SECURED,
         responses=_responses(

@@ -96,10 +96,11 @@ _ROLLUP_PIECE = """
   WHERE width_s = {width} AND bucket_start >= %({name}_from)s AND bucket_start < %({name}_to)s
     AND (SELECT ok FROM ready) AND (a.admin OR valid > 0)"""
 
-# One bucket as JSON, built by PostgreSQL as the points of /api/data are (the same float text):
-# a bucket starts on a whole second, so its time has no fraction; the mean of values near
-# 1e308 can overflow to infinity, which JSON cannot hold: null then.
-_BUCKET_JSON = """('{"time":"' || to_char(b AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+# One bucket as JSON, built by PostgreSQL as the points of /api/data are (the same float text).
+# A bucket starts on a whole second, so its time has no fraction (to_json: half the time of
+# to_char). The mean of values near 1e308 can overflow to infinity, which JSON cannot hold:
+# null then.
+_BUCKET_JSON = """('{"time":' || rtrim(to_json(b AT TIME ZONE 'UTC')::text, '"')
     || 'Z","count":' || n || ',"valid":' || v
     || ',"min":' || coalesce(lo::text, 'null') || ',"max":' || coalesce(hi::text, 'null')
     || ',"mean":' || CASE WHEN f > 0 AND s / f NOT IN ('Infinity', '-Infinity', 'NaN')
