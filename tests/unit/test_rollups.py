@@ -294,6 +294,49 @@ def test_init_db_on_an_original_database_rebuilds_the_rollups_with_progress(
     assert_rollups_exact(original_database)
 
 
+# What schema.sql adds for the rollups; without it, a database is as an earlier dataproc made it.
+WITHOUT_ROLLUPS = """
+DROP TABLE data_rollups;
+DROP TRIGGER data_points_rollups_insert ON data_points;
+DROP TRIGGER data_points_rollups_delete ON data_points;
+DROP TRIGGER data_points_rollups_update ON data_points;
+DROP TRIGGER data_points_rollups_truncate ON data_points;
+DELETE FROM dataproc_state WHERE key = 'rollups_complete';
+"""
+
+
+def test_a_database_of_an_earlier_dataproc_gets_rollups_on_reapply_and_rebuild(fresh_database):
+    pool = store.make_pool(fresh_database, max_size=2, wait_s=5)
+    store.open_pool(pool, 10)
+    try:
+        store.apply_schema(pool)
+        execute(pool, WITHOUT_ROLLUPS)
+        execute(
+            pool,
+            "INSERT INTO data_points (time, value, valid, tags) "
+            "SELECT %s + i * interval '1 minute', i, true, '{}' FROM generate_series(1, 200) i",
+            (T0,),
+        )
+        store.apply_schema(pool)
+        assert rollups.rollups_complete(pool) is False
+        assert rollups.rebuild_if_missing(pool) == 200
+        assert_rollups_exact(pool)
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def fresh_database(database_url) -> Iterator[str]:
+    """An empty database on the test server; dropped afterwards."""
+    name = "dataproc_" + uuid.uuid4().hex[:12]
+    admin = make_conninfo(database_url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(database_url, dbname=name)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def test_a_fresh_schema_needs_no_rebuild(clean_db):
     assert rollups.rollups_complete(clean_db) is True
 
