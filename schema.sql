@@ -149,7 +149,7 @@ BEGIN
 END $fn$;
 
 -- Recompute the given minutes (and their hours) from the raw rows. First every row (each
--- shard) is made to exist and is locked, in the one order; each later statement takes a fresh
+-- shard) is made to exist and is locked, in the one order (minutes, then hours, by time); each later statement takes a fresh
 -- snapshot (READ COMMITTED), so it sees every writer that held one of those locks before us,
 -- and a writer still to come adds its own delta after our commit. The result goes to shard 0.
 CREATE OR REPLACE FUNCTION dataproc_rollups_recompute(minutes timestamptz[]) RETURNS void
@@ -160,18 +160,17 @@ DECLARE
     FROM unnest(minutes) m ORDER BY 1);
 BEGIN
   minutes := ARRAY(SELECT DISTINCT m FROM unnest(minutes) m ORDER BY 1);
-  INSERT INTO data_rollups
+  -- An upsert that changes nothing locks each row, existing or new, one by one in this
+  -- order (a separate INSERT ... DO NOTHING, then SELECT ... FOR UPDATE, would hold new hour
+  -- rows while waiting for a minute row: a deadlock with an inserter).
+  INSERT INTO data_rollups AS r
     (width_s, bucket_start, shard, count, valid, finite_count, valid_finite_count)
   SELECT 60, m, s, 0, 0, 0, 0 FROM unnest(minutes) m, generate_series(0, 7) s
-  ORDER BY m, s ON CONFLICT DO NOTHING;
-  INSERT INTO data_rollups
+  ORDER BY m, s ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET count = r.count;
+  INSERT INTO data_rollups AS r
     (width_s, bucket_start, shard, count, valid, finite_count, valid_finite_count)
   SELECT 3600, h, s, 0, 0, 0, 0 FROM unnest(hours) h, generate_series(0, 7) s
-  ORDER BY h, s ON CONFLICT DO NOTHING;
-  PERFORM 1 FROM data_rollups
-  WHERE (width_s = 60 AND bucket_start = ANY (minutes))
-     OR (width_s = 3600 AND bucket_start = ANY (hours))
-  ORDER BY width_s, bucket_start, shard FOR UPDATE;
+  ORDER BY h, s ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET count = r.count;
   DELETE FROM data_rollups
   WHERE shard <> 0 AND ((width_s = 60 AND bucket_start = ANY (minutes))
                      OR (width_s = 3600 AND bucket_start = ANY (hours)));

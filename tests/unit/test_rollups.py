@@ -220,8 +220,21 @@ def test_parallel_deletes_and_inserts_in_one_minute_stay_exact(points, database_
         try:
             with psycopg.connect(database_url, autocommit=True) as conn:
                 for point_id in chunk:
-                    conn.execute("DELETE FROM data_points WHERE id = %s", (point_id,))
-                    conn.execute(INSERT, (T0 + timedelta(seconds=point_id % 50), point_id, True))
+                    # Statements that span two minutes (and hours) take locks on both.
+                    conn.execute(
+                        "DELETE FROM data_points WHERE id = %s OR id = %s",
+                        (point_id, point_id + 700),
+                    )
+                    conn.execute(
+                        "INSERT INTO data_points (time, value, valid, tags) "
+                        "VALUES (%s, %s, true, '{}'), (%s, %s, false, '{}')",
+                        (
+                            T0 + timedelta(seconds=point_id % 50),
+                            point_id,
+                            T0 + timedelta(minutes=59, seconds=point_id % 7),
+                            -point_id,
+                        ),
+                    )
         except BaseException as error:
             errors.append(error)
 
