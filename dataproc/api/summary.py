@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from .. import auth
 from ..errors import ValidationError, problem
-from ..source import format_time
 from ..store import rollups
 from ..web import Request, Response
 from .context import Context
-from .params import datetime_param, single_param
+from .params import parse_window, single_param
 
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 BUCKET = re.compile(r"([0-9]{1,8})([smhd]?)")  # ASCII digits only, as INTEGER in params
@@ -78,15 +77,10 @@ def parse_bucket(text: str, problems: list[dict]) -> int | None:
 def parse_summary_query(request: Request) -> SummaryQuery:
     """The validated parameters of GET /api/data/summary (422 lists every bad one)."""
     problems: list[dict] = []
-    raw = {name: single_param(request, name, problems) for name in ("start", "end", "bucket")}
-    values: dict = {}
-    for name in ("start", "end"):
-        if (text := raw[name]) is not None:
-            values[name] = datetime_param(text, name, problems)
-    if (bucket := raw["bucket"]) is not None:
+    start, end = parse_window(request, problems)
+    values: dict = {"start": start, "end": end}
+    if (bucket := single_param(request, "bucket", problems)) is not None:
         values["bucket_s"] = parse_bucket(bucket, problems)
-    if values.get("start") and values.get("end") and values["start"] > values["end"]:
-        problems.append(problem("query", "start", "start must not be after end", "value_error"))
     if problems:
         raise ValidationError(problems)
     return SummaryQuery(**values)
@@ -121,6 +115,13 @@ def choose_bucket(start: datetime, end: datetime, requested: int | None) -> int:
     return size
 
 
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC with `Z`, a fraction only when not zero (as every point's time)."""
+    utc = moment.astimezone(UTC)
+    text = utc.replace(tzinfo=None, microsecond=0).isoformat()
+    return text + (f".{utc.microsecond:06d}".rstrip("0") if utc.microsecond else "") + "Z"
+
+
 def label(bucket_s: int) -> str:
     """A bucket size in its largest whole unit: 90 -> `90s`, 3600 -> `1h`."""
     for unit in ("d", "h", "m"):
@@ -146,7 +147,7 @@ def _window(
 
 def summary(request: Request, ctx: Context) -> Response:
     """GET /api/data/summary: non-empty epoch-aligned buckets of the visible points."""
-    username = auth.access_token_subject(request, ctx.config)
+    username = auth.access_token_subject(request, ctx.config, ctx.clock())
     query = parse_summary_query(request)
     start, end = _window(ctx, username, query)
     if start is None or end is None:  # no visible point and no bound: nothing to bucket

@@ -10,6 +10,7 @@ same way (RFC 3339 UTC time, `null` for a non-finite value).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,13 +54,11 @@ class NewPoint:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page of points as a JSON array (bytes), its length, its last `(time, id)`, and the
-    role of the viewer it was read for."""
+    """A page of points as a JSON array (bytes), its length and its last `(time, id)`."""
 
     json: bytes
     count: int
     last: tuple[datetime, int] | None
-    role: str
 
 
 # --- the pool -------------------------------------------------------------------------------
@@ -83,6 +82,12 @@ def make_pool(
         reconnect_timeout=0,
         kwargs={"autocommit": True, "connect_timeout": max(2, int(wait_s))},
     )
+
+
+def conninfo_of(pool: ConnectionPool) -> str:
+    """The connection string `pool` was made with (for a connection of its own, as an export's)."""
+    conninfo = pool.conninfo
+    return conninfo if isinstance(conninfo, str) else conninfo()
 
 
 class _HeldConnectWarnings(logging.Filter):
@@ -118,6 +123,34 @@ def open_pool(pool: ConnectionPool, wait_s: float) -> None:
         pool_log.removeFilter(held)
 
 
+def wait_for_database(
+    conninfo: str, wait_s: float, *, first_pause_s: float = 0.25, max_pause_s: float = 2.0
+) -> None:
+    """Return once the database accepts a connection, trying for up to `wait_s` seconds with a
+    doubling pause (one log line per pause); then raise `DatabaseUnavailable` with the reason.
+
+    A service started beside its database (compose) must not rely on the engine ordering the
+    two: podman-compose ignores `depends_on: condition: service_healthy`."""
+    deadline, pause = time.monotonic() + wait_s, first_pause_s
+    while True:
+        # libpq's connect_timeout is whole seconds, at least 2: an attempt overruns by < 2 s.
+        timeout = max(2, min(10, int(deadline - time.monotonic())))
+        try:
+            psycopg.connect(conninfo, connect_timeout=timeout, autocommit=True).close()
+            return
+        except psycopg.OperationalError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DatabaseUnavailable(
+                f"cannot connect to the database within {wait_s:g} s ({reason})"
+            )
+        pause = min(pause, left)
+        log.info("database not ready (%s): next try in %.2g s, %.1f s left", reason, pause, left)
+        time.sleep(pause)
+        pause = min(2 * pause, max_pause_s)
+
+
 class ConnectionLost(DatabaseUnavailable):
     """The database closed a connection under a statement (a restart, a network cut)."""
 
@@ -150,6 +183,13 @@ def read_one(pool: ConnectionPool, sql: str, params: Mapping | Sequence = ()) ->
         pool.check()
     with connection(pool) as conn:
         return conn.execute(sql, params).fetchone()
+
+
+def one_row(row: tuple | None) -> tuple:
+    """The row of a statement that always returns one (an aggregate, a function call)."""
+    if row is None:
+        raise RuntimeError("a statement that always returns one row returned none")
+    return row
 
 
 def schema_sql() -> str:
@@ -188,6 +228,7 @@ def pool_stats(pool: ConnectionPool) -> dict[str, int]:
 POLLER_LOCK_KEY = 7261657272  # any constant shared by every replica; not the schema's lock
 TRY_POLLER_LOCK = "SELECT pg_try_advisory_lock(%s)"
 STILL_HERE = "SELECT 1"
+POLLER_UNLOCK = "SELECT pg_advisory_unlock(%s)"
 
 
 # --- users ----------------------------------------------------------------------------------
@@ -230,7 +271,9 @@ def create_user(
 def upsert_user(pool: ConnectionPool, username: str, hashed_password: str, role: str) -> bool:
     """Create a user or reset its password and role; True when it was created."""
     with connection(pool) as conn:
-        return bool(conn.execute(UPSERT_USER, (username, hashed_password, role)).fetchone()[0])
+        return bool(
+            one_row(conn.execute(UPSERT_USER, (username, hashed_password, role)).fetchone())[0]
+        )
 
 
 # --- data points ----------------------------------------------------------------------------
@@ -294,7 +337,9 @@ def insert_point(pool: ConnectionPool, point: NewPoint) -> tuple[bytes, bool]:
         if row is not None:
             return row[0].encode(), True
         row = conn.execute(SELECT_POINT_BY_DOCUMENT, (point.document_sha256,)).fetchone()
-    if row is None:  # stored by a concurrent insert that has not committed: report as duplicate
+    # Neither inserted nor found: a concurrent insert of the same document has not committed
+    # yet. Whether it will is unknown here, so this is a 503 to retry, not a duplicate.
+    if row is None:
         raise DatabaseUnavailable("a concurrent insert of this document is in progress")
     return row[0].encode(), False
 
@@ -339,7 +384,9 @@ def page_params(
 def list_points(pool: ConnectionPool, **query) -> Page | None:
     """One page ordered by (time, id) as `query["viewer"]` may see it (admins: every point;
     others: valid ones), with `page_params`' filters. None: no such viewer."""
-    role, body, count, last_time, last_id = read_one(pool, SELECT_PAGE, page_params(**query))
+    role, body, count, last_time, last_id = one_row(
+        read_one(pool, SELECT_PAGE, page_params(**query))
+    )
     if role is None:
         return None
-    return Page(body.encode(), count, (last_time, last_id) if count else None, role)
+    return Page(body.encode(), count, (last_time, last_id) if count else None)

@@ -17,7 +17,8 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 
 from dataproc import store
-from dataproc.source import format_time, parse_time
+from dataproc.api.summary import format_time
+from dataproc.rfc3339 import parse as parse_time
 from support import create_user, login
 
 T0 = datetime(2024, 4, 22, 0, 0, 0, tzinfo=UTC)
