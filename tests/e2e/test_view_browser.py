@@ -4,18 +4,21 @@ browser fixture of `test_docs_browser.py`).
 A person logs in from the page's form and sees the chart drawn from the summary (as many
 buckets as the summary has for that window, a mark per bucket with invalid points), drags
 across it to zoom (the raw points appear once the window holds 2,000 or fewer), pans with the
-keyboard, and reads the latest points in the table; no console error, no request off the
-host. The run saves `docs/view.png`, the README's screenshot. The page's headers are checked
+keyboard, reads the latest points in the table and downloads the window as CSV; no console
+error, no request off the host. The run saves `docs/view.png`, the README's screenshot. The page's headers are checked
 without a browser.
 """
 
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
 import math
 import random
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode, urlsplit
 
@@ -130,7 +133,7 @@ def drag(tools, page: Page, from_fraction: float, to_fraction: float) -> None:
         )
 
 
-def test_view_logs_in_draws_zooms_pans_and_lists_the_latest_points(browser, service, clean_db):  # noqa: F811
+def test_view_logs_in_draws_zooms_pans_lists_and_downloads(browser, service, clean_db, tmp_path):  # noqa: F811 - the imported fixture
     create_user(clean_db, "root", "root-password", "admin")
     seed(clean_db)
     client = Client(service.url)
@@ -204,6 +207,20 @@ def test_view_logs_in_draws_zooms_pans_and_lists_the_latest_points(browser, serv
     panned = chart_state(page)
     assert panned["start"] < zoomed["start"] and panned["end"] < zoomed["end"]
     assert_drawn_as_summarised(panned, summary_of(client, token, panned))
+
+    # Download the (panned) window as CSV: the file holds the window's points, as /api/data.
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.call("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+    page.evaluate("document.getElementById('download-csv').click()")
+    page.wait_for("document.getElementById('status').textContent.startsWith('Downloaded')")
+    deadline = time.monotonic() + 15
+    while not (downloads / "data_points.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    rows = list(csv.reader(io.StringIO((downloads / "data_points.csv").read_text(), newline="")))
+    in_window = points_of(client, token, panned["start"], panned["end"])
+    assert rows[0] == ["id", "time", "value", "valid", "tags"]
+    assert [int(row[0]) for row in rows[1:]] == [p["id"] for p in in_window]
 
     browser.call("Runtime.evaluate", page.session, expression="0")  # collect late events
     assert page.problems() == []
