@@ -67,6 +67,8 @@ class Config:
     login_max_failures: int = 5
     login_window_s: float = 60.0
     shutdown_grace_s: float = 10.0
+    cache_enabled: bool = True  # the read cache (NOTIFY-invalidated, fails closed)
+    cache_mb: int = 32  # its bound per process, in MiB
 
     @property
     def embedded_database(self) -> bool:
@@ -191,6 +193,8 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("login_max_failures", "DATAPROC_LOGIN_MAX_FAILURES", _int_in(1, 1000)),
     ("login_window_s", "DATAPROC_LOGIN_WINDOW_S", _float_in(1, 86400)),
     ("shutdown_grace_s", "DATAPROC_SHUTDOWN_GRACE_S", _float_in(0, 3600)),
+    ("cache_enabled", "DATAPROC_CACHE", _boolean),
+    ("cache_mb", "DATAPROC_CACHE_MB", _int_in(1, 1024 * 1024)),
 )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from psycopg_pool import ConnectionPool
 
 from .. import auth, ingest, notify
+from ..cache import ReadCache
 from ..config import Config
 from ..metrics import Metrics
 
@@ -27,12 +28,20 @@ class Context:
     listener: notify.Listener | None = None
     throttle: auth.LoginThrottle = field(init=False)
     checker: auth.PasswordChecker = field(init=False)
+    # Answers of reads and the roles of callers (DATAPROC_CACHE); serves nothing while
+    # `listener` is unhealthy or absent.
+    cache: ReadCache = field(init=False)
 
     def __post_init__(self) -> None:
         self.throttle = auth.LoginThrottle(
             self.config.login_max_failures, self.config.login_window_s
         )
         self.checker = auth.PasswordChecker(self.config)
+        self.cache = ReadCache(
+            self.listener,
+            max_bytes=self.config.cache_mb * 1024 * 1024,
+            enabled=self.config.cache_enabled,
+        )
 
     def ingestor(self) -> ingest.Ingestor:
         """An ingestor for the configured upstream."""

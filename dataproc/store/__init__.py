@@ -20,6 +20,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ApiError
+from .freshness import SELECT_DATA_VERSION
 
 log = logging.getLogger("dataproc.store")
 
@@ -53,13 +54,14 @@ class NewPoint:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page of points as a JSON array (bytes), its length, its last `(time, id)`, and the
-    role of the viewer it was read for."""
+    """A page of points as a JSON array (bytes), its length, its last `(time, id)`, the
+    role of the viewer it was read for, and the data version of the snapshot it was read in."""
 
     json: bytes
     count: int
     last: tuple[datetime, int] | None
     role: str
+    version: int = 0
 
 
 # --- the pool -------------------------------------------------------------------------------
@@ -257,6 +259,10 @@ SELECT {_POINT_JSON} FROM inserted p"""
 SELECT_POINT_BY_DOCUMENT = f"SELECT {_POINT_JSON} FROM data_points p WHERE document_sha256 = %s"
 INSERT_REJECT = "INSERT INTO rejects (reason, body) VALUES (%s, %s)"
 
+# The data version in the same statement (the same snapshot) as the rows: the read cache's
+# bookkeeping (`freshness`).
+DATA_VERSION = f"({SELECT_DATA_VERSION})"
+
 # One round trip per read: the viewer's role is looked up in the same statement and gates
 # which of two scans runs (a one-time filter, so the other never starts): users read through
 # the partial index on valid rows, admins through the full one. A viewer who no longer
@@ -275,7 +281,8 @@ page AS (
    ORDER BY time, id OFFSET %(skip)s LIMIT %(limit)s))
 SELECT (SELECT role FROM viewer),
        '[' || coalesce(string_agg({_POINT_JSON}, ',' ORDER BY p.time, p.id), '') || ']',
-       count(*), max(p.time), (array_agg(p.id ORDER BY p.time DESC, p.id DESC))[1]
+       count(*), max(p.time), (array_agg(p.id ORDER BY p.time DESC, p.id DESC))[1],
+       {DATA_VERSION}
 FROM page p"""
 
 
@@ -339,7 +346,9 @@ def page_params(
 def list_points(pool: ConnectionPool, **query) -> Page | None:
     """One page ordered by (time, id) as `query["viewer"]` may see it (admins: every point;
     others: valid ones), with `page_params`' filters. None: no such viewer."""
-    role, body, count, last_time, last_id = read_one(pool, SELECT_PAGE, page_params(**query))
+    role, body, count, last_time, last_id, version = read_one(
+        pool, SELECT_PAGE, page_params(**query)
+    )
     if role is None:
         return None
-    return Page(body.encode(), count, (last_time, last_id) if count else None, role)
+    return Page(body.encode(), count, (last_time, last_id) if count else None, role, version)

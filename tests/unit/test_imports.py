@@ -44,6 +44,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "source",
             "metrics",
             "notify",
+            "cache",
         }
     ),
     "server": frozenset({"web", "errors", "config"}),
@@ -53,7 +54,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "static": LEAF,  # data only: the HTML pages, read with importlib.resources
     "metrics": LEAF,
     "poller": frozenset({"ingest", "store", "config"}),
-    "notify": frozenset({"store"}),  # the LISTEN statement, like every statement, is in store
+    "notify": frozenset({"store"}),
+    "cache": LEAF,  # pure bookkeeping: the listener it is handed, never imported  # the LISTEN statement, like every statement, is in store
     # workers pre-forks processes that each run runtime.Service: part of the shell with
     # __main__ (which alone calls it), so it is the one other module that may import runtime.
     "workers": frozenset({"runtime", "config", "logs"}),
