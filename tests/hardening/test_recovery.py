@@ -103,6 +103,18 @@ def insert_point(uri: str, value: float) -> float:
     return time.monotonic()
 
 
+def insert_when_up(uri: str, value: float) -> float:
+    """Insert a point at the first moment the database takes connections; the commit's time."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return insert_point(uri, value)
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 def test_a_request_waiting_when_postgres_returns_gets_its_200_at_once(start, own_postgres):
     service, token = start(DB_WAIT_S)
     assert fresh_read(service.url, token)[1] == 200
@@ -147,10 +159,16 @@ def test_nothing_stale_from_the_cache_during_or_after_an_outage(start, own_postg
         _stop_postgres(own_postgres)
         stopped = time.monotonic()
         time.sleep(3.0)
+        # The first write after the restart lands as soon as PostgreSQL takes connections:
+        # most likely before the service's listener is back (it retries every 0.25 s).
+        written: list[float] = []
+        writer = threading.Thread(target=lambda: written.append(insert_when_up(uri, 2.0)))
+        writer.start()
         issued = time.monotonic()
         _start_postgres(own_postgres)
         ready = time.monotonic()
-        committed = insert_point(uri, 2.0)  # likely before the listener is back: it is deaf
+        writer.join(30)
+        committed = written[0]
         time.sleep(1.0)
     finally:
         stop.set()
