@@ -88,10 +88,10 @@ def wait_for_signal() -> None:
 
 def cmd_source(args: argparse.Namespace, config: Config | None) -> int:
     """Run the simulated upstream."""
-    from . import simsource
+    from .upstream import simulated
 
     argv = ["--host", args.host, "--port", str(args.port)]
-    return simsource.main(argv + (["--seed", str(args.seed)] if args.seed is not None else []))
+    return simulated.main(argv + (["--seed", str(args.seed)] if args.seed is not None else []))
 
 
 def cmd_init_db(args: argparse.Namespace, config: Config) -> int:

@@ -1,9 +1,9 @@
 """One ingestion: fetch a document, parse it, apply the validity rules, store it once.
 
 Owns: the validity rules of API.md (invalid tags; "too old" at ingestion; "non-finite"), the
-order of the steps, and what a batch does when one of its fetches fails. Leaves bytes and
-parsing to `source`, SQL to `store`, and HTTP status codes to `api` (failures are raised as
-`IngestFailure` with a kind, never as a status).
+order of the steps, and what a batch does when one of its fetches fails. Leaves bytes to
+`upstream.fetch`, parsing to `upstream.document`, SQL to `store`, and HTTP status codes to
+`api` (failures are raised as `IngestFailure` with a kind, never as a status).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from psycopg_pool import ConnectionPool
 
-from . import source, store
+from . import store
 from .config import Config
+from .upstream import document, fetch
 
 log = logging.getLogger("dataproc.ingest")
 
@@ -41,7 +42,7 @@ class Batch:
     rejected: list[str] = field(default_factory=list)
 
 
-def assess(reading: source.Reading, raw: bytes, config: Config, now: float) -> store.NewPoint:
+def assess(reading: document.Reading, raw: bytes, config: Config, now: float) -> store.NewPoint:
     """Apply the validity rules to a parsed reading: the point as it will be stored."""
     tags = list(reading.tags)
     valid = not any(tag in config.invalid_tags for tag in tags)
@@ -76,8 +77,8 @@ class Ingestor:
         """Store one point: its JSON and whether it is new (False: the document was known)."""
         raw = self._fetch()
         try:
-            reading = source.parse_document(raw)
-        except source.InvalidDocument as error:
+            reading = document.parse(raw)
+        except document.InvalidDocument as error:
             self._reject(f"invalid document: {error.reason}", raw)
             raise IngestFailure(
                 "invalid", f"upstream sent an invalid document: {error.reason}"
@@ -115,13 +116,13 @@ class Ingestor:
             raise IngestFailure("unconfigured", "no upstream configured (set SERVER_URL)")
         config = self.config
         try:
-            return source.fetch(
+            return fetch.get(
                 self.url, timeout_s=config.upstream_timeout_s, max_bytes=config.upstream_max_bytes
             )
-        except source.UpstreamTimeout as error:
+        except fetch.UpstreamTimeout as error:
             self._on_outcome("timeout")
             raise IngestFailure("timeout", error.reason) from None
-        except source.UpstreamError as error:
+        except fetch.UpstreamError as error:
             self._on_outcome("upstream_error")
             if error.body:  # whatever was received is kept (an oversized answer, a 5xx page)
                 self._keep(error.reason, error.body)

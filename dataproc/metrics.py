@@ -113,9 +113,9 @@ def _duration_lines(durations: list) -> list[str]:
     ]
     for route, counts, total, count in durations:
         cumulative = 0
-        for bound, bucket_count in zip((*BUCKETS, "+Inf"), counts, strict=True):
+        bounds = [*map(_number, BUCKETS), "+Inf"]
+        for le, bucket_count in zip(bounds, counts, strict=True):
             cumulative += bucket_count
-            le = bound if isinstance(bound, str) else _number(bound)
             lines.append(f"{name}_bucket{_labels(route=route, le=le)} {cumulative}")
         lines.append(f"{name}_sum{_labels(route=route)} {_number(total)}")
         lines.append(f"{name}_count{_labels(route=route)} {count}")

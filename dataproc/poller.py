@@ -13,6 +13,7 @@ membership list is shared: the database decides.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ import time
 import psycopg
 
 from .ingest import IngestFailure, Ingestor
-from .store import POLLER_LOCK_KEY, STILL_HERE, TRY_POLLER_LOCK
+from .store import POLLER_LOCK_KEY, POLLER_UNLOCK, STILL_HERE, TRY_POLLER_LOCK
 
 log = logging.getLogger("dataproc.poller")
 
@@ -101,7 +102,8 @@ class Poller:
             if self._leader:
                 conn.execute(STILL_HERE)  # the lock lives exactly as long as this session
                 return True
-            self._leader = bool(conn.execute(TRY_POLLER_LOCK, (POLLER_LOCK_KEY,)).fetchone()[0])
+            row = conn.execute(TRY_POLLER_LOCK, (POLLER_LOCK_KEY,)).fetchone()
+            self._leader = bool(row and row[0])  # a SELECT of one function: always one row
         except psycopg.Error as error:
             log.warning(
                 "poller lock connection failed (%s)%s",
@@ -128,10 +130,16 @@ class Poller:
         return self._conn
 
     def _release(self) -> None:
-        # Closing the session releases its advisory locks (and works on a broken connection).
-        conn, self._conn, self._leader = self._conn, None, False
-        if conn is not None:
-            conn.close()
+        # Unlock first: closing the session releases the lock too, but only once its backend
+        # has gone, which takes a moment after close() returns; another replica waiting to
+        # take over should not see the lock still held. Closing alone works on a broken one.
+        conn, leader, self._conn, self._leader = self._conn, self._leader, None, False
+        if conn is None:
+            return
+        if leader and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(POLLER_UNLOCK, (POLLER_LOCK_KEY,))
+        conn.close()
 
 
 def _first_line(error: BaseException) -> str:

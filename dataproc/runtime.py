@@ -47,13 +47,16 @@ class Database:
 
 def open_database(config: Config, *, serving: bool = True) -> tuple[Config, Database]:
     """The configured database, or an embedded one (with its keys) for zero configuration.
-    `serving=False` (init-db, create-user, populate): no signing keys are needed."""
+    `serving=False` (init-db, create-user, populate): no signing keys are needed, and no wait;
+    serving waits up to `db_start_wait_s` for a configured database to come up."""
     if not config.embedded_database:
         if serving and not (config.jwt_secret_key and config.jwt_refresh_secret_key):
             raise StartupError(
                 "a database is configured but JWT_SECRET_KEY and "
                 "JWT_REFRESH_SECRET_KEY are not: set both (see .env.example)"
             )
+        if serving:  # a service may start before its database (compose): wait for it
+            store.wait_for_database(config.database_url or "", config.db_start_wait_s)
         return config, Database(config.database_url)
     try:
         with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR at import
@@ -106,12 +109,12 @@ def connect(config: Config, database: Database, *, max_size: int | None = None) 
 
 def start_simulated_upstream(host: str = "127.0.0.1"):
     """The simulated upstream on loopback, on its default port or any free one."""
-    from . import simsource  # not on any request path; imported only for zero configuration
+    from .upstream import simulated  # not on any request path; only for zero configuration
 
     try:
-        server, url = simsource.start_in_thread(host, simsource.DEFAULT_PORT)
+        server, url = simulated.start_in_thread(host, simulated.DEFAULT_PORT)
     except OSError:
-        server, url = simsource.start_in_thread(host, 0)
+        server, url = simulated.start_in_thread(host, 0)
     log.info("no upstream configured (SERVER_URL): started the simulated upstream at %s", url)
     return server, url
 

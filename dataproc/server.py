@@ -1,381 +1,156 @@
-"""The only `http.server` code: bytes on a socket in, a `Request` to the app, its `Response` out.
+"""Sockets: accept, connection slots, parked keep-alive, a bounded pool of worker threads, drain.
 
-Owns: connections, HTTP/1.1 framing and keep-alive, every limit on what a client may send,
-the JSON answers to protocol errors, the access log, request ids and a graceful drain.
-Leaves to `web` the routing and error shapes, and to the `app` it is handed everything else
-(it never imports `api`, `store` or `jwt`).
+Owns: the listening socket, the cap on connections (a fast 503 past it), the selector loop
+that owns every connection while it waits for a request, the worker threads that run the app
+on a complete request head, every timeout, lingering close, the access log and a graceful
+drain. Leaves the bytes to `protocol` (parsing, rendering, chunked framing, gzip), the routing
+and error shapes to `web`, and everything else to the `app` it is handed (it never imports
+`api`, `store` or `jwt`).
 
-`BaseHTTPRequestHandler` is kept for its connection set-up and its buffered socket files, but
-`handle_one_request` is ours: the stdlib's parser has fixed limits (65,536-byte lines, 100
-headers), answers errors in HTML and dispatches to `do_<VERB>`. The sharp edges of DESIGN.md,
-by number, and where each is handled:
-  1 keep-alive: `protocol_version`, `Content-Length` on every response, bodies read in full.
-  2 HTML errors: `send_error` answers the contract's JSON.   3 unknown verbs: any method
-  token reaches the router (404/405), never `do_<VERB>`.   4 HEAD: GET's headers, no body.
-  5 bodies: `Content-Length` once and digits only, capped (413), `Transfer-Encoding` refused.
-  6 `Expect: 100-continue` answered only after the checks.   7 per-socket `timeout`.
-  8 a cap on connections (fast 503) and a large listen backlog.   9 `drain()`.
-  10 `Server: dataproc`.   11 `log_message` goes to `logging`.   12 a failing app answers 500.
-  13 a client gone mid-write is ignored.   14 `urlsplit`, `unquote`, strict `parse_qs`.
-  15 duplicated headers kept (`Request.header` refuses them).   16 no reverse DNS on bind.
-  17 one `sendall` per response and `TCP_NODELAY`.
+The shape is waitress's: the main loop owns the channels (accepts, reads request heads
+without blocking, parks idle keep-alive connections, closes the silent ones), and a task
+queue hands a channel with a complete head to one of `config.threads` workers, which reads
+the body, runs the app, writes the answer in one `sendall` and gives the channel back. An idle
+connection costs a selector entry, not a thread; a slow sender costs nothing until its whole
+head has arrived within `socket_timeout_s`.
+
+No `http.server` class is used, so no stdlib path can answer in HTML or log to stderr. The
+sharp edges of DESIGN.md, by number, and where each is handled:
+  1 keep-alive: `protocol.render` computes `Content-Length` on every response; bodies are
+  read in full.   2 HTML errors: no stdlib handler runs; every protocol error is the
+  contract's JSON.   3 unknown verbs: any method token reaches the router (404/405).
+  4 HEAD: GET's headers, no body.   5 bodies: `protocol` (one `Content-Length`, digits,
+  capped 413; `Transfer-Encoding` refused 411).   6 `Expect: 100-continue` answered after the
+  checks.   7 a deadline on the head, the body and every write.   8 a cap on connections
+  (fast 503), a large listen backlog, a bounded thread pool.   9 `drain()`.   10 `Server:
+  dataproc`.   11 logging only.   12 a failing app answers 500.   13 a client gone
+  mid-write is ignored.   14 `protocol.split_target`.   15 duplicated headers kept.
+  16 no reverse DNS on bind.   17 one `sendall` per response and `TCP_NODELAY`.
+  18 streams: chunked (HTTP/1.1) or close-delimited (HTTP/1.0), truncated on failure, the
+  iterator closed on disconnect.
 """
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import re
-import secrets
+import queue
+import select
+import selectors
 import socket
-import socketserver
 import threading
 import time
-from collections.abc import Callable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from collections.abc import Callable, Iterator
+from enum import Enum
 
+from . import protocol
 from .config import Config
 from .errors import ApiError
+from .protocol import Incomplete, ProtocolError, RequestHead
 from .web import Request, Response, error_response
 
 log = logging.getLogger("dataproc.server")
 access_log = logging.getLogger("dataproc.access")
 
-SERVER_NAME = "dataproc"
 LINGER_S = 1.0  # at most this long (and LINGER_MAX_BYTES) reading a refused request's rest
 LINGER_MAX_BYTES = 1 << 20
+RECV_BYTES = 65536
+ACCEPT_BATCH = 64  # connections accepted per wake, so a flood cannot starve parked ones
+SWEEP_S = 0.05  # how often parked connections are checked against their deadlines
 Observer = Callable[[Request, Response, float], None]
-
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 tchar
-# The target is visible ASCII only (RFC 9112 §3.2): a raw byte >= 0x80 would otherwise be
-# read as Latin-1 and reach the app as a different character than the client meant.
-_REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/(\d)\.(\d)")
-_BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
-
-
-class ProtocolError(Exception):
-    """A request that cannot be parsed; answered with `status` and the connection closed."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
+BUSY_DETAIL = "server busy, retry in one second"
 
 
 class _ClientGone(Exception):
-    """The client closed or went silent between requests: close without an answer."""
+    """The client closed or vanished mid-request or mid-stream: close without an answer."""
 
 
-class Handler(BaseHTTPRequestHandler):
-    """One connection: requests in a loop until close, error, timeout or drain."""
+class Next(Enum):
+    """What a channel does after an answer."""
 
-    protocol_version = "HTTP/1.1"  # sharp edge 1
-    server_version = SERVER_NAME  # sharp edge 10
-    sys_version = ""
-    server: HttpServer
+    KEEP = 1  # wait for the next request
+    CLOSE = 2
+    LINGER = 3  # refused mid-request: read what the client still sends, then close
 
-    def setup(self) -> None:
-        self.timeout = self.server.config.socket_timeout_s  # sharp edge 7
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # sharp edge 17
-        self._linger = False
 
-    def finish(self) -> None:
-        super().finish()
-        if self._linger:
-            _linger(self.connection, min(LINGER_S, self.server.config.socket_timeout_s))
+class Channel:
+    """One connection: its socket and the bytes received but not yet parsed."""
 
-    def handle(self) -> None:
-        self.close_connection = True
-        self.server.track(self.connection, busy=False)
-        try:
-            self.close_connection = False
-            while not self.close_connection:
-                self.handle_one_request()
-        except (ConnectionError, TimeoutError, _ClientGone):
-            pass  # sharp edge 13: the client went away; nothing to answer
-        finally:
-            self.server.untrack(self.connection)
+    __slots__ = ("sock", "client", "buffer", "deadline", "lingering", "drained", "counted")
 
-    def handle_one_request(self) -> None:
-        """Read one request, run the app, write the response in one piece."""
-        config = self.server.config
-        first = self._read_request_line(config)
-        started = time.perf_counter()
-        self.server.mark_busy(self.connection, True)
-        try:
-            request, response = self._serve_one(first, config)
-            self._write(request, response)
-            duration_s = time.perf_counter() - started
-            self.server.observe(request, response, duration_s)
-            _log_access(request, response, duration_s)
-        finally:
-            self.server.mark_busy(self.connection, False)
-        if self.server.draining:
-            self.close_connection = True
+    def __init__(self, sock: socket.socket, client: str, *, counted: bool):
+        self.sock, self.client = sock, client
+        self.buffer = bytearray()
+        self.deadline = 0.0  # monotonic: idle close, head deadline, or end of lingering
+        self.lingering = False
+        self.drained = 0
+        self.counted = counted  # holds one of the `max_connections` slots
 
-    def _serve_one(self, first: bytes, config: Config) -> tuple[Request, Response]:
-        request = Request("-", "-", {}, {}, client=self.client_address[0])
-        try:
-            try:
-                request = self._read_request(first, config, request)
-            except TimeoutError:
-                raise ProtocolError(408, "request not received in time") from None
-        except ProtocolError as error:
-            request.request_id = request.request_id or secrets.token_hex(8)
-            response = error_response(ApiError(error.status, error.detail))
-            response.close = True
-            return request, response
-        try:
-            response = self.server.app(request)
-        except Exception:  # sharp edge 12: the app is meant to catch; this is the last net
-            log.exception("app raised [%s]", request.request_id)
-            response = error_response(ApiError(500, "Internal Server Error"))
-        return request, response
 
-    # --- reading ---------------------------------------------------------------------------
+class _Poller:
+    """Readiness of sockets for the loop. Parked sockets are one-shot: a socket that turns
+    readable is disarmed (by the kernel with epoll's EPOLLONESHOT, else here) and re-armed
+    by one call when its channel is parked again, from any thread (epoll and kqueue take a
+    registration during a wait; on other platforms it is seen within `SWEEP_S`)."""
 
-    def _read_request_line(self, config: Config) -> bytes:
-        self.connection.settimeout(config.socket_timeout_s)  # idle keep-alive wait
-        line = self.rfile.readline(config.max_request_line_bytes + 1)
-        if not line:
-            raise _ClientGone()
-        return line
+    def __init__(self) -> None:
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._selector = None if self._epoll else selectors.DefaultSelector()
+        self._persistent: set[int] = set()
 
-    def _read_request(self, first: bytes, config: Config, request: Request) -> Request:
-        deadline = time.monotonic() + config.socket_timeout_s
-        method, target, version = self._parse_request_line(first, config)
-        request.method = method
-        headers = self._read_headers(config, deadline)
-        request.headers = headers
-        request.request_id = _request_id(headers)
-        self._decide_keep_alive(version, headers)
-        request.path, request.query = _split_target(target, config.max_query_params)
-        if version == (1, 1) and len(headers.get("host", ())) != 1:
-            raise ProtocolError(400, "exactly one Host header is required (RFC 9112 §3.2)")
-        request.body = self._read_body(headers, config, deadline, version)
-        return request
-
-    def _parse_request_line(self, line: bytes, config: Config) -> tuple[str, str, tuple[int, int]]:
-        if len(line) > config.max_request_line_bytes:
-            raise ProtocolError(414, "request line too long")
-        match = _REQUEST_LINE.fullmatch(line.rstrip(b"\r\n").decode("latin-1"))
-        if not match:
-            raise ProtocolError(400, "malformed request line")
-        method, target, major, minor = match.groups()
-        if (int(major), int(minor)) not in {(1, 0), (1, 1)}:
-            raise ProtocolError(505, "HTTP version not supported")
-        self.command, self.path, self.request_version = method, target, f"HTTP/{major}.{minor}"
-        return method, target, (int(major), int(minor))
-
-    def _read_headers(self, config: Config, deadline: float) -> dict[str, list[str]]:
-        headers: dict[str, list[str]] = {}
-        count = total = 0
-        while True:
-            self._set_deadline(deadline)
-            line = self.rfile.readline(config.max_header_bytes + 1)
-            total += len(line)
-            if total > config.max_header_bytes:
-                raise ProtocolError(431, "request headers too large")
-            if line in (b"\r\n", b"\n"):
-                return headers
-            if not line.endswith(b"\n"):
-                raise _ClientGone()  # the client closed mid-headers
-            count += 1
-            if count > config.max_header_count:
-                raise ProtocolError(431, "too many request headers")
-            name, value = _parse_header_line(line)
-            headers.setdefault(name, []).append(value)
-
-    def _decide_keep_alive(self, version: tuple[int, int], headers: dict[str, list[str]]) -> None:
-        tokens = {t.strip().lower() for v in headers.get("connection", ()) for t in v.split(",")}
-        if version == (1, 0):
-            self.close_connection = "keep-alive" not in tokens
+    def watch(self, fd: int) -> None:
+        """Report `fd` every time it is readable (the listening socket, the wake pipe)."""
+        self._persistent.add(fd)
+        if self._epoll is not None:
+            self._epoll.register(fd, select.EPOLLIN)
         else:
-            self.close_connection = "close" in tokens
+            assert self._selector is not None
+            self._selector.register(fd, selectors.EVENT_READ)
 
-    def _read_body(
-        self,
-        headers: dict[str, list[str]],
-        config: Config,
-        deadline: float,
-        version: tuple[int, int],
-    ) -> bytes:
-        if "transfer-encoding" in headers:  # sharp edge 5: refuse, never guess the framing
-            raise ProtocolError(411, "Transfer-Encoding is not supported; send Content-Length")
-        lengths = headers.get("content-length", [])
-        if len(lengths) > 1:
-            raise ProtocolError(400, "more than one Content-Length header")
-        if lengths and not re.fullmatch(r"\d{1,18}", lengths[0]):
-            raise ProtocolError(400, "Content-Length must be a decimal number")
-        length = int(lengths[0]) if lengths else 0
-        if length > config.max_body_bytes:
-            raise ProtocolError(413, f"request body over {config.max_body_bytes} bytes")
-        self._answer_expect(headers, version)
-        if not length:
-            return b""
-        self._set_deadline(deadline)
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise _ClientGone()
-        return body
+    def unwatch(self, fd: int) -> None:
+        self._persistent.discard(fd)
+        self.disarm(fd)
 
-    def _answer_expect(self, headers: dict[str, list[str]], version: tuple[int, int]) -> None:
-        # Sharp edge 6: the stdlib says "100 Continue" before any check; we say it after them.
-        expect = headers.get("expect")
-        if not expect:
-            return
-        if [v.lower() for v in expect] != ["100-continue"]:
-            raise ProtocolError(417, "only Expect: 100-continue is supported")
-        if version == (1, 1):
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    def arm(self, fd: int) -> None:
+        """Report `fd` once, the next time it is readable."""
+        if self._epoll is not None:
+            try:
+                self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            except FileNotFoundError:  # not registered yet (or closed and reused)
+                self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        else:
+            assert self._selector is not None
+            self._selector.register(fd, selectors.EVENT_READ)
 
-    def _set_deadline(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ProtocolError(408, "request not received in time")
-        self.connection.settimeout(remaining)
+    def disarm(self, fd: int) -> None:
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:
+                assert self._selector is not None
+                self._selector.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass  # not armed, or already closed
 
-    # --- writing ---------------------------------------------------------------------------
+    def ready(self, timeout: float) -> list[int]:
+        """The readable file descriptors, waiting at most `timeout` seconds."""
+        if self._epoll is not None:
+            return [fd for fd, _ in self._epoll.poll(timeout)]
+        assert self._selector is not None
+        fds = [int(key.fd) for key, _ in self._selector.select(timeout)]
+        for fd in fds:
+            if fd not in self._persistent:
+                self.disarm(fd)
+        return fds
 
-    def _write(self, request: Request, response: Response) -> None:
-        if response.close or self.server.draining:  # say so when the server will close
-            self.close_connection = True
-        if response.close:  # refused mid-request: the client may still be sending
-            self._linger = True
-        head_only = request.method == "HEAD"  # sharp edge 4: GET's headers, no body
-        data = self._render(response, request.request_id) + (b"" if head_only else response.body)
-        self.wfile.write(data)  # sharp edge 17: one write (wfile is unbuffered: one sendall)
-
-    def _render(self, response: Response, request_id: str) -> bytes:
-        status = response.status
-        lines = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-            f"Server: {SERVER_NAME}",
-            f"Date: {_http_date()}",
-            f"Content-Length: {len(response.body)}",
-            "X-Content-Type-Options: nosniff",
-            f"X-Request-ID: {request_id}",
-        ]
-        for name, value in response.headers.items():
-            lines.append(f"{name}: {_BAD_VALUE_CHARS.sub(' ', value)}")
-        if self.close_connection:
-            lines.append("Connection: close")
-        elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Sharp edge 2: any stdlib path that still calls this gets JSON, not HTML."""
-        self.close_connection = True
-        request = Request(self.command or "-", "-", {}, {}, request_id=secrets.token_hex(8))
-        self._write(request, error_response(ApiError(code, message or _REASONS.get(code, "Error"))))
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        """Sharp edge 11: the stdlib's own messages go to `logging`, not stderr."""
-        log.debug("%s " + format, self.client_address[0], *args)
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+        elif self._selector is not None:
+            self._selector.close()
 
 
-def _log_access(request: Request, response: Response, duration_s: float) -> None:
-    """One line per request; the route template, never the query string (it may hold secrets)."""
-    route = request.route or "-"
-    access_log.info(
-        "%s %s %s %d %.1fms %dB",
-        request.request_id,
-        request.method,
-        route,
-        response.status,
-        duration_s * 1000,
-        len(response.body),
-        extra={
-            "request_id": request.request_id,
-            "method": request.method,
-            "route": route,
-            "status": response.status,
-            "duration_ms": round(duration_s * 1000, 3),
-            "bytes": len(response.body),
-            "client": request.client,
-        },
-    )
-
-
-def _parse_header_line(line: bytes) -> tuple[str, str]:
-    text = line.rstrip(b"\r\n").decode("latin-1")
-    if text[:1] in (" ", "\t"):
-        raise ProtocolError(400, "obsolete header line folding is not accepted")
-    name, sep, value = text.partition(":")
-    if not sep or not _TOKEN.fullmatch(name):
-        raise ProtocolError(400, "malformed header line")
-    value = value.strip(" \t")
-    if _BAD_VALUE_CHARS.search(value):
-        raise ProtocolError(400, f"control character in header {name}")
-    return name.lower(), value
-
-
-def _split_target(target: str, max_params: int) -> tuple[str, dict[str, list[str]]]:
-    """Sharp edge 14: the raw target split into an unquoted path and strictly parsed query."""
-    if not target.startswith("/"):
-        raise ProtocolError(400, "request target must be an absolute path")
-    parts = urlsplit(target)
-    try:
-        path = unquote(parts.path, errors="strict")
-        query = (
-            parse_qs(
-                parts.query,
-                keep_blank_values=True,
-                strict_parsing=bool(parts.query),
-                max_num_fields=max_params,
-                errors="strict",
-            )
-            if parts.query
-            else {}
-        )
-    except UnicodeDecodeError:
-        raise ProtocolError(400, "request target is not valid UTF-8") from None
-    except ValueError as error:
-        detail = (
-            "too many query parameters" if "Max number" in str(error) else "malformed query string"
-        )
-        raise ProtocolError(400, detail) from None
-    return path, query
-
-
-def _request_id(headers: dict[str, list[str]]) -> str:
-    """The client's X-Request-ID when it sent exactly one sane value, else a fresh one."""
-    given = headers.get("x-request-id")
-    if given and len(given) == 1 and _SANE_REQUEST_ID.fullmatch(given[0]):
-        return given[0]
-    return secrets.token_hex(8)
-
-
-_date_cache: tuple[int, str] = (0, "")
-
-
-def _http_date() -> str:
-    """The `Date` header, formatted once per second (RFC 9110 §6.6.1)."""
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
-    return _date_cache[1]
-
-
-_OVERLOADED = (
-    b"HTTP/1.1 503 Service Unavailable\r\nServer: dataproc\r\n"
-    b"Content-Type: application/json\r\nContent-Length: 45\r\nRetry-After: 1\r\n"
-    b"X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
-    b'{"detail":"server busy, retry in one second"}'
-)
-
-
-class HttpServer(ThreadingHTTPServer):
-    """A thread per connection, at most `max_connections` at once, drained gracefully."""
-
-    daemon_threads = True
-    allow_reuse_address = True
+class HttpServer:
+    """At most `max_connections` connections, parked by one loop, served by a thread pool."""
 
     def __init__(
         self,
@@ -388,118 +163,599 @@ class HttpServer(ThreadingHTTPServer):
         self.config, self.app = config, app
         self.request_queue_size = config.listen_backlog  # sharp edge 8: the stdlib says 5
         self._observe = observe
-        self._slots = threading.BoundedSemaphore(config.max_connections)
-        self._lock = threading.Lock()
-        self._connections: dict[socket.socket, bool] = {}  # socket -> busy
-        self._idle_event = threading.Event()
-        self.draining = False
-        super().__init__((config.host, config.port), Handler, bind_and_activate=sock is None)
-        if sock is not None:  # a pre-forked worker inherits the parent's listening socket
-            self.socket.close()
-            self.socket = sock
-            self.server_address = sock.getsockname()
-
-    def server_bind(self) -> None:
-        """Sharp edge 16: bind without the stdlib's reverse DNS lookup (`getfqdn`)."""
-        socketserver.TCPServer.server_bind(self)
+        # A pre-forked worker inherits the parent's listening socket.
+        self.socket = sock if sock is not None else _bind(config)
+        self.socket.setblocking(False)  # workers sharing it get EAGAIN, never block in accept
+        self.server_address = self.socket.getsockname()
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+        # The loop waits in the poller; workers put a channel back into it directly, under
+        # `_lock` (which also guards `_parked`: file descriptor -> the channel waiting on it).
+        self._poller = _Poller()
+        self._parked: dict[int, Channel] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._tasks: queue.SimpleQueue[Channel | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._open = 0  # accepted connections not yet closed (the cap counts these)
+        self._busy = 0  # channels with a worker
+        self._stop = False
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._closed = False
+        self.draining = False
+        self._start_workers()  # now, so a thread count taken after start-up includes them
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
         return self.server_address[1]
 
-    def process_request(self, request, client_address) -> None:  # type: ignore[override]
-        """Start a connection thread, or answer a fast 503 when every slot is taken."""
-        if self.draining or not self._slots.acquire(blocking=False):
-            self._refuse(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+    # --- the main loop ---------------------------------------------------------------------
 
-    def process_request_thread(self, request, client_address) -> None:  # type: ignore[override]
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept and park connections until `shutdown()`; workers serve complete requests."""
+        self._stopped.clear()
+        listening, wake = self.socket.fileno(), self._wake_r.fileno()
+        self._poller.watch(listening)
+        self._poller.watch(wake)
+        next_sweep = time.monotonic() + SWEEP_S
         try:
-            super().process_request_thread(request, client_address)
+            while not self._stop:
+                timeout = min(poll_interval, SWEEP_S) if self._parked else poll_interval
+                for fd in self._poller.ready(timeout):
+                    if fd == listening:
+                        self._accept()
+                    elif fd == wake:
+                        self._drain_wakeups()
+                    else:
+                        with self._lock:
+                            channel = self._parked.pop(fd, None)
+                        if channel is not None:  # else: expired or closed meanwhile
+                            self._readable(channel)
+                if (now := time.monotonic()) >= next_sweep:
+                    self._expire(now)
+                    next_sweep = now + SWEEP_S
         finally:
-            self._slots.release()
+            self._poller.unwatch(listening)
+            self._poller.unwatch(wake)
+            self._stop = False
+            self._stopped.set()
 
-    def _refuse(self, sock: socket.socket) -> None:
+    def shutdown(self) -> None:
+        """Stop the loop of `serve_forever` and wait until it has left (another thread)."""
+        self._stop = True
+        self._wake()
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket and every parked connection; stop idle workers."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            parked = list(self._parked.values())
+        self.socket.close()
+        for channel in parked:
+            self._unpark(channel)
+            self._close(channel)
+        self._poller.close()
+        for _ in self._threads:
+            self._tasks.put(None)  # each worker leaves after the request it is serving
+
+    def _start_workers(self) -> None:
+        while len(self._threads) < self.config.threads:
+            thread = threading.Thread(
+                target=self._work, name=f"dataproc-http-{len(self._threads)}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # none left, or another pre-forked worker took it
+            except OSError as error:  # EMFILE and friends: keep serving what is open
+                log.warning("accept failed: %s", error)
+                return
+            self.process_request(sock, address)
+
+    def process_request(self, sock: socket.socket, client_address: tuple) -> None:
+        """Park a new connection, or answer a fast 503 when every slot is taken."""
+        with self._lock:
+            refuse = self.draining or self._open >= self.config.max_connections
+            if not refuse:
+                self._open += 1
+        channel = Channel(
+            sock, str(client_address[0]) if client_address else "", counted=not refuse
+        )
+        sock.setblocking(False)
+        if refuse:
+            self._refuse(channel)
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # sharp edge 17
+        self._park(channel)
+
+    def _refuse(self, channel: Channel) -> None:
+        """The fast 503, written without blocking the loop (it fits any socket buffer)."""
+        response = error_response(ApiError(503, BUSY_DETAIL, {"Retry-After": "1"}))
+        data = protocol.render(
+            503, response.headers, response.body, protocol.new_request_id(), close=True
+        )
         try:
-            sock.settimeout(0.5)
-            sock.sendall(_OVERLOADED)
-            sock.shutdown(socket.SHUT_WR)
+            channel.sock.send(data)
+        except OSError:
+            self._close(channel)
+            return
+        if self._start_linger(channel):
+            self._park(channel)
+        else:
+            self._close(channel)
+
+    def _park(self, channel: Channel) -> None:
+        """Wait in the selector for the rest of a request head, or for the next request
+        (from the loop or a worker). Under the lock that `drain` and `server_close` take: a
+        channel is either parked before they look, or closed here; none is left open with
+        no loop to watch it."""
+        if not channel.lingering:
+            channel.deadline = time.monotonic() + self.config.socket_timeout_s
+        with self._lock:
+            parked = not (self._closed or (self.draining and not channel.lingering))
+            if parked:
+                fd = channel.sock.fileno()
+                try:
+                    self._parked[fd] = channel
+                    self._poller.arm(fd)
+                except (ValueError, OSError):  # the client's socket is already gone
+                    self._parked.pop(fd, None)
+                    parked = False
+        if not parked:
+            self._close(channel)
+
+    def _unpark(self, channel: Channel) -> None:
+        """Take a parked channel out of the poller (expiry, close); a no-op if not parked."""
+        with self._lock:
+            fd = channel.sock.fileno()
+            if fd >= 0 and self._parked.get(fd) is channel:
+                del self._parked[fd]
+                self._poller.disarm(fd)
+
+    def _readable(self, channel: Channel) -> None:
+        """A parked channel turned readable (and is no longer parked): read what came."""
+        try:
+            data = channel.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            self._rearm(channel)
+            return
+        except OSError:
+            data = b""
+        if channel.lingering:
+            channel.drained += len(data)
+            if not data or channel.drained >= LINGER_MAX_BYTES:
+                self._close(channel)
+            else:
+                self._rearm(channel)
+            return
+        if not data:  # the client closed: between requests, or mid-head (nothing to answer)
+            self._close(channel)
+            return
+        channel.buffer += data
+        if protocol.head_end(channel.buffer) >= 0 or protocol.head_too_long(
+            channel.buffer, self.config
+        ):
+            self._dispatch(channel)
+        else:
+            self._rearm(channel)
+
+    def _rearm(self, channel: Channel) -> None:
+        """Park again, keeping the deadline already running (a head still arriving)."""
+        with self._lock:
+            fd = channel.sock.fileno()
+            self._parked[fd] = channel
+            self._poller.arm(fd)
+
+    def _expire(self, now: float) -> None:
+        """Close silent connections; a half-sent head goes to a worker for its 408."""
+        with self._lock:
+            expired = [c for c in self._parked.values() if c.deadline <= now]
+        for channel in expired:
+            self._unpark(channel)
+            if channel.buffer and not channel.lingering:  # the worker answers 408 (or 4xx)
+                self._dispatch(channel)
+            else:
+                self._close(channel)
+
+    def _dispatch(self, channel: Channel) -> None:
+        with self._lock:
+            self._busy += 1
+        self._tasks.put(channel)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # full (a wake is pending anyway) or closed
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
         except OSError:
             pass
+
+    # --- the workers -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (channel := self._tasks.get()) is not None:
+            try:
+                after = self._serve(channel)
+            except Exception:  # a bug here must not kill the worker; the client is closed
+                log.exception("connection failed")
+                after = Next.CLOSE
+            self._finish(channel, after)
+
+    def _serve(self, channel: Channel) -> Next:
+        """Serve the requests whose heads are buffered (pipelining), then hand back."""
+        try:
+            while True:
+                after = self._serve_one(channel)
+                if after is not Next.KEEP or protocol.head_end(channel.buffer) < 0:
+                    return after
+        except (ConnectionError, TimeoutError, _ClientGone):
+            return Next.CLOSE  # sharp edge 13: the client went away; nothing to answer
+
+    def _finish(self, channel: Channel, after: Next) -> None:
+        """Give the channel back to the loop, or close it (always when draining)."""
+        if after is Next.LINGER and not self._start_linger(channel):
+            after = Next.CLOSE
+        if after is Next.CLOSE:
+            self._close(channel)
+        else:
+            self._park(channel)
+        with self._lock:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.notify_all()
+
+    def _start_linger(self, channel: Channel) -> bool:
+        """Lingering close (RFC 9112 §9.6): after an early answer (413, 414, 431, 503...),
+        stop writing and read what the client is still sending, within bounds, before
+        closing. Closing with unread input makes the kernel send a reset, which can destroy
+        the answer before the client reads it. The loop does the reading: no thread waits."""
+        try:
+            channel.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        channel.lingering = True
+        channel.deadline = time.monotonic() + min(LINGER_S, self.config.socket_timeout_s)
+        channel.buffer.clear()
+        return True
+
+    def _close(self, channel: Channel) -> None:
+        _close_socket(channel.sock)
+        if channel.counted:
+            channel.counted = False
+            with self._lock:
+                self._open -= 1
+            self.shutdown_request(channel.sock)
+
+    def shutdown_request(self, sock: socket.socket) -> None:
+        """A hook: an accepted connection has ended and its slot is free again."""
+
+    def _serve_one(self, channel: Channel) -> Next:
+        """Read one request, run the app, write the response."""
+        started = time.perf_counter()
+        request, response, head = self._receive(channel)
+        after, sent = self._respond(channel, request, response, head)
+        duration_s = time.perf_counter() - started
+        self.observe(request, response, duration_s)
+        _log_access(request, response.status, sent, duration_s)
+        return after
+
+    def _receive(self, channel: Channel) -> tuple[Request, Response, RequestHead | None]:
+        request = Request("-", "-", {}, {}, client=channel.client)
+        try:
+            head = self._read_head(channel)
+            request.method, request.path, request.query = head.method, head.path, head.query
+            request.headers, request.request_id = head.headers, head.request_id
+            request.body = self._read_body(channel, head)
+        except (ProtocolError, TimeoutError) as error:
+            if isinstance(error, TimeoutError):
+                error = ProtocolError(408, "request not received in time")
+            request.request_id = error.request_id or protocol.new_request_id()
+            response = error_response(ApiError(error.status, error.detail))
+            response.close = True
+            return request, response, None
+        try:
+            response = self.app(request)
+        except Exception:  # sharp edge 12: the app is meant to catch; this is the last net
+            log.exception("app raised [%s]", request.request_id)
+            response = error_response(ApiError(500, "Internal Server Error"))
+        return request, response, head
+
+    def _read_head(self, channel: Channel) -> RequestHead:
+        end = protocol.head_end(channel.buffer)
+        if end < 0:  # timed out, or over a limit: the parser names which
+            try:
+                protocol.parse_head(channel.buffer, self.config)
+            except Incomplete:
+                raise ProtocolError(408, "request not received in time") from None
+            raise ProtocolError(400, "malformed request head")  # pragma: no cover
+        head = protocol.parse_head(channel.buffer[:end], self.config)
+        del channel.buffer[:end]
+        return head
+
+    def _read_body(self, channel: Channel, head: RequestHead) -> bytes:
+        if head.expect_continue:  # sharp edge 6: only now, after every check
+            _send_all(channel.sock, protocol.CONTINUE, self._write_deadline())
+        length = head.content_length
+        deadline = channel.deadline  # the head's deadline bounds the whole request
+        while len(channel.buffer) < length:
+            data = _receive_some(channel.sock, deadline)
+            if not data:
+                raise _ClientGone()
+            channel.buffer += data
+        body = bytes(channel.buffer[:length])
+        del channel.buffer[:length]
+        return body
+
+    # --- writing -----------------------------------------------------------------------
+
+    def _respond(
+        self, channel: Channel, request: Request, response: Response, head: RequestHead | None
+    ) -> tuple[Next, int]:
+        version = head.version if head else (1, 1)
+        close = response.close or self.draining or head is None or not head.keep_alive
+        head_only = request.method == "HEAD"  # sharp edge 4: GET's headers, no body
+        response = _encode(request, response)
+        if response.stream is not None:
+            return self._send_stream(channel, request, response, version, close, head_only)
+        return self._send_whole(channel, request, response, version, close, head_only)
+
+    def _send_whole(
+        self,
+        channel: Channel,
+        request: Request,
+        response: Response,
+        version: tuple[int, int],
+        close: bool,
+        head_only: bool,
+    ) -> tuple[Next, int]:
+        data = protocol.render(
+            response.status,
+            response.headers,
+            response.body,
+            request.request_id,
+            close=close,
+            version=version,
+            head_only=head_only,
+        )
+        _send_all(channel.sock, data, self._write_deadline())  # sharp edge 17: one write
+        if response.close:  # refused mid-request: the client may still be sending
+            return Next.LINGER, len(response.body)
+        return (Next.CLOSE if close else Next.KEEP), len(response.body)
+
+    def _send_stream(
+        self,
+        channel: Channel,
+        request: Request,
+        response: Response,
+        version: tuple[int, int],
+        close: bool,
+        head_only: bool,
+    ) -> tuple[Next, int]:
+        """Sharp edge 18: chunked on HTTP/1.1, close-delimited on HTTP/1.0; a failure after
+        the first byte ends the transfer without its last chunk; the iterator is closed in
+        every case, at once when the client goes away."""
+        stream = response.stream
+        assert stream is not None  # the caller checked
+        chunked = version >= (1, 1)
+        close = close or not chunked
+        after = Next.CLOSE if close else Next.KEEP
+        try:
+            if head_only:
+                head = self._stream_head(response, request, version, close)
+                _send_all(channel.sock, head, self._write_deadline())
+                return after, 0
+            try:
+                first = _first_chunk(stream)
+            except Exception as error:  # before any byte: an ordinary error answer
+                failed = _encode(request, _failure(request, error))
+                return self._send_whole(channel, request, failed, version, close, head_only)
+            head = self._stream_head(response, request, version, close)
+            opening = head + (protocol.chunk(first) if chunked and first else first)
+            _send_all(channel.sock, opening, self._write_deadline())
+            sent = len(first)
+            try:
+                while (data := _next_chunk(stream)) is not None:
+                    if _peer_closed(channel.sock):
+                        raise _ClientGone()
+                    framed = protocol.chunk(data) if chunked else data
+                    _send_all(channel.sock, framed, self._write_deadline())
+                    sent += len(data)
+            except _StreamFailed:
+                log.exception("stream failed after the first byte [%s]", request.request_id)
+                return Next.CLOSE, sent  # no last chunk: the client sees a truncated body
+            if chunked:
+                _send_all(channel.sock, protocol.LAST_CHUNK, self._write_deadline())
+            return after, sent
         finally:
-            self.shutdown_request(sock)
+            _close_iterator(stream)
 
-    # --- connection tracking, for a drain that lets in-flight requests finish --------------
+    def _write_deadline(self) -> float:
+        """Sharp edge 7: each write (a whole response, or one chunk) within the timeout."""
+        return time.monotonic() + self.config.socket_timeout_s
 
-    def track(self, sock: socket.socket, *, busy: bool) -> None:
-        with self._lock:
-            self._connections[sock] = busy
+    def _stream_head(
+        self, response: Response, request: Request, version: tuple[int, int], close: bool
+    ) -> bytes:
+        return protocol.render_head(
+            response.status,
+            response.headers,
+            request.request_id,
+            length=None,
+            close=close,
+            version=version,
+        )
 
-    def untrack(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._connections.pop(sock, None)
-            if not any(self._connections.values()):
-                self._idle_event.set()
-
-    def mark_busy(self, sock: socket.socket, busy: bool) -> None:
-        with self._lock:
-            self._connections[sock] = busy
-            if busy:
-                self._idle_event.clear()
-            elif not any(self._connections.values()):
-                self._idle_event.set()
-            if self.draining and not busy:
-                _shut(sock)
+    # --- tracking and drain --------------------------------------------------------------
 
     def observe(self, request: Request, response: Response, duration_s: float) -> None:
+        """Hand one finished request to the observer (the metrics), if any."""
         if self._observe is not None:
             self._observe(request, response, duration_s)
 
     def drain(self, grace_s: float) -> bool:
         """Stop accepting, close idle connections, wait up to `grace_s` for busy ones."""
-        self.draining = True
+        with self._lock:
+            self.draining = True
         self.shutdown()  # returns once serve_forever has left its loop (call from another thread)
         # Close the listening socket now, not after the wait: a new connection is refused at
         # once (a load balancer moves on) instead of sitting unanswered in the backlog.
         self.server_close()
         with self._lock:
-            idle = [sock for sock, busy in self._connections.items() if not busy]
-        for sock in idle:
-            _shut(sock)
-        return self._idle_event.wait(grace_s) if self._busy_count() else True
-
-    def _busy_count(self) -> int:
-        with self._lock:
-            return sum(self._connections.values())
+            return self._idle.wait_for(lambda: self._busy == 0, timeout=grace_s)
 
 
-def _linger(sock: socket.socket, limit_s: float) -> None:
-    """Lingering close (RFC 9112 §9.6): after an early answer (413, 414, 431, 400...), stop
-    writing and read what the client is still sending, within bounds, before closing. Closing
-    with unread input makes the kernel send a reset, which can destroy the answer before the
-    client reads it: the client would see a dropped connection instead of the 413."""
-    deadline, drained = time.monotonic() + limit_s, 0
+class _StreamFailed(Exception):
+    """The response's iterator raised after the first byte was sent."""
+
+
+def _first_chunk(stream: Iterator[bytes]) -> bytes:
+    """The first non-empty chunk (b"" for an empty stream); exceptions propagate."""
+    for data in stream:
+        if data:
+            return data
+    return b""
+
+
+def _next_chunk(stream: Iterator[bytes]) -> bytes | None:
+    """The next non-empty chunk (an empty one would read as the last chunk), None at the
+    end; `_StreamFailed` when the iterator raises."""
+    while True:
+        try:
+            data = next(stream)
+        except StopIteration:
+            return None
+        except Exception as error:
+            raise _StreamFailed() from error
+        if data:
+            return data
+
+
+def _close_iterator(stream: Iterator[bytes]) -> None:
+    """Close a generator (its `finally` runs: a query is cancelled); a failure is logged."""
+    close = getattr(stream, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.exception("closing a stream failed")
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when the client has closed its end (EOF or reset) while we stream to it."""
     try:
-        sock.shutdown(socket.SHUT_WR)
-        while drained < LINGER_MAX_BYTES and (remaining := deadline - time.monotonic()) > 0:
-            sock.settimeout(remaining)
-            chunk = sock.recv(65536)
-            if not chunk:
-                return
-            drained += len(chunk)
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
     except OSError:
-        pass
+        return True
 
 
-def _shut(sock: socket.socket) -> None:
+def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """`sendall` on a non-blocking socket, bounded by `deadline` (TimeoutError past it). A
+    response that fits the socket buffer is one `send`: no mode switch, no extra call."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except (BlockingIOError, InterruptedError):
+            _wait_for(sock, select.POLLOUT, deadline)
+            continue
+        view = view[sent:]
+
+
+def _receive_some(sock: socket.socket, deadline: float) -> bytes:
+    """Some bytes from a non-blocking socket (b"" at EOF); `ProtocolError(408)` past it."""
+    while True:
+        try:
+            return sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            try:
+                _wait_for(sock, select.POLLIN, deadline)
+            except TimeoutError:
+                raise ProtocolError(408, "request not received in time") from None
+
+
+def _wait_for(sock: socket.socket, events: int, deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    poller = select.poll()
+    poller.register(sock, events)
+    if remaining <= 0 or not poller.poll(remaining * 1000):
+        raise TimeoutError()
+
+
+def _failure(request: Request, error: Exception) -> Response:
+    if isinstance(error, ApiError):
+        return error_response(error)
+    log.error("stream failed before its first byte [%s]", request.request_id, exc_info=error)
+    return error_response(ApiError(500, "Internal Server Error"))
+
+
+def _encode(request: Request, response: Response) -> Response:
+    """gzip, once for every endpoint, when the client allows it and the body is worth it."""
+    length = None if response.stream is not None else len(response.body)
+    headers, use_gzip = protocol.negotiate_gzip(
+        request.headers.get("accept-encoding", []), response.status, response.headers, length
+    )
+    if headers is response.headers:
+        return response
+    if not use_gzip:
+        return Response(response.status, response.body, headers, response.close, response.stream)
+    if response.stream is not None:
+        stream = protocol.GzipStream(response.stream)
+        return Response(response.status, b"", headers, response.close, stream)
+    return Response(response.status, protocol.gzip_body(response.body), headers, response.close)
+
+
+def _log_access(request: Request, status: int, sent: int, duration_s: float) -> None:
+    """One line per request; the route template, never the query string (it may hold secrets)."""
+    route = request.route or "-"
+    access_log.info(
+        "%s %s %s %d %.1fms %dB",
+        request.request_id,
+        request.method,
+        route,
+        status,
+        duration_s * 1000,
+        sent,
+        extra={
+            "request_id": request.request_id,
+            "method": request.method,
+            "route": route,
+            "status": status,
+            "duration_ms": round(duration_s * 1000, 3),
+            "bytes": sent,
+            "client": request.client,
+        },
+    )
+
+
+def _bind(config: Config) -> socket.socket:
+    """Sharp edge 16: bind without the stdlib's reverse DNS lookup (`getfqdn`)."""
+    family, _, _, _, address = socket.getaddrinfo(
+        config.host, config.port, type=socket.SOCK_STREAM
+    )[0]
+    return socket.create_server(address, family=family, backlog=config.listen_backlog)
+
+
+def _close_socket(sock: socket.socket) -> None:
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
     except OSError:
         pass

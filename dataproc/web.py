@@ -1,27 +1,28 @@
 """HTTP as data: `Request`, `Response`, the `Router`, and the one place errors become JSON.
 
 Owns: matching a method and path to a handler (404, 405 with `Allow`, HEAD served by GET),
-building JSON responses (`Content-Length` from the bytes, never by hand), reading request
-bodies (JSON or form) strictly, and turning an `ApiError` into FastAPI's error shapes.
-Leaves to `server.py` every socket, and to `api.py` every route.
+building JSON, streamed and 304 responses, reading request bodies (JSON through
+`strictjson`, or form) strictly, and turning an `ApiError` into FastAPI's error shapes. Leaves
+to `protocol.py` the bytes on the wire (`Content-Length` is computed there, never by hand), to
+`server.py` every socket, and to `api/` every route.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+from . import strictjson
 from .errors import ApiError, invalid
 
 log = logging.getLogger("dataproc.web")
 
 JSON_TYPE = "application/json"
 FORM_TYPE = "application/x-www-form-urlencoded"
-MAX_JSON_DEPTH = 32
 
 
 @dataclass(slots=True)
@@ -49,12 +50,21 @@ class Request:
 
 @dataclass(slots=True)
 class Response:
-    """Status, headers and the body bytes, built once."""
+    """Status, headers and either the body bytes, built once, or a `stream` of byte chunks.
+
+    A streamed response has an empty `body`; the server sends it chunked (HTTP/1.1) or ended
+    by the close (HTTP/1.0), and closes the iterator when the client goes away, on HEAD, and
+    at the end (so a generator's `finally` can cancel its query)."""
 
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     close: bool = False  # ask the server to close the connection after this response
+    stream: Iterator[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream is not None and self.body:
+            raise ValueError("a streamed response has no body bytes")
 
     @classmethod
     def json(
@@ -70,6 +80,28 @@ class Response:
     ) -> Response:
         """A response whose JSON body is already bytes (e.g. built by PostgreSQL)."""
         return cls(status, body, {"Content-Type": JSON_TYPE, **(headers or {})})
+
+    @classmethod
+    def streamed(
+        cls,
+        chunks: Iterable[bytes],
+        content_type: str,
+        headers: dict[str, str] | None = None,
+        status: int = 200,
+    ) -> Response:
+        """A body sent as `chunks` are produced. An exception before the first non-empty
+        chunk is answered as a handler's would be (an `ApiError` as its JSON); after it, the
+        transfer ends without its last chunk, so the client sees a truncated body."""
+        return cls(
+            status, b"", {"Content-Type": content_type, **(headers or {})}, stream=iter(chunks)
+        )
+
+    @classmethod
+    def not_modified(cls, etag: str, headers: dict[str, str] | None = None) -> Response:
+        """`304 Not Modified` (RFC 9110 §15.4.5): the `ETag` and the given headers (pass
+        `Cache-Control` and `Vary` as the 200 has them), no body; the server adds
+        `X-Request-ID` and `Date`."""
+        return cls(304, b"", {**(headers or {}), "ETag": etag})
 
 
 def error_response(error: ApiError) -> Response:
@@ -138,55 +170,6 @@ def make_app(router: Router) -> Handler:
 # --- request bodies -----------------------------------------------------------------------
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate key in JSON object")
-    return result
-
-
-def loads_strict(text: bytes | str) -> Any:
-    """json.loads that refuses NaN/Infinity, duplicate keys and deep nesting (ValueError)."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    _check_depth(text)
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
-    except RecursionError:  # a last net; _check_depth should have refused it already
-        raise ValueError("JSON nested too deeply") from None
-    # "\ud800" is valid JSON but a lone surrogate is not text: refuse it here (a ValueError)
-    # rather than let `.encode()` fail deep in a handler as a 500.
-    json.dumps(value, ensure_ascii=False).encode("utf-8")
-    return value
-
-
-def _check_depth(text: str) -> None:
-    """Refuse nesting over MAX_JSON_DEPTH before json's recursion meets it (a RecursionError,
-    not a ValueError). Brackets inside strings do not count, so they neither refuse a valid
-    body nor hide real nesting."""
-    depth, in_string, escaped = 0, False, False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise ValueError("JSON nested too deeply")
-        elif char in "]}":
-            depth -= 1
-
-
 def read_body(request: Request, *, max_fields: int) -> dict[str, Any]:
     """The body as a dict: JSON object or form fields; 415 for other types, 422 if malformed."""
     media_type = (request.header("content-type") or "").split(";")[0].strip().lower()
@@ -194,8 +177,8 @@ def read_body(request: Request, *, max_fields: int) -> dict[str, Any]:
         return {}
     if media_type == JSON_TYPE or media_type.endswith("+json"):
         try:
-            payload = loads_strict(request.body)
-        except ValueError as error:
+            payload = strictjson.loads(request.body)
+        except strictjson.InvalidJSON as error:
             raise invalid("body", "body", f"invalid JSON: {error}", "json_invalid") from None
         if not isinstance(payload, dict):
             raise invalid("body", "body", "expected a JSON object", "model_attributes_type")

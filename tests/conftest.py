@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from dataproc import simsource, store
+from dataproc import store
+from dataproc.upstream import simulated
 from support import Client, create_user, login, make_config
 
 
@@ -62,7 +63,7 @@ def clean_db(pool):
 @pytest.fixture(scope="session")
 def upstream():
     """The simulated upstream on an ephemeral port: (server, base URL)."""
-    server, url = simsource.start_in_thread("127.0.0.1", 0, seed=1234)
+    server, url = simulated.start_in_thread("127.0.0.1", 0, seed=1234)
     yield server, url
     server.shutdown()
     server.server_close()

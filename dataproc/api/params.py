@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .. import source
+from .. import rfc3339
 from ..errors import ValidationError, problem
 from ..web import Request
 
@@ -67,7 +67,7 @@ def integer_param(text: str, name: str, low: int, high: int, problems: list[dict
 
 def _datetime(text: str, name: str, problems: list[dict]) -> datetime | None:
     try:
-        return source.parse_time(text)
+        return rfc3339.parse(text)
     except ValueError as error:
         problems.append(
             problem("query", name, f"Input should be a valid datetime: {error}", "datetime_parsing")

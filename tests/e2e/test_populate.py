@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 import pytest
 
-from dataproc import simsource, store
+from dataproc import store
+from dataproc.upstream import simulated
 from support import Client
 
 TEN_YEARS_S = 10 * 365 * 86400
@@ -131,8 +132,8 @@ def test_an_invalid_document_is_502_kept_verbatim_and_not_stored(
 
 FAULTS = {
     # name: (path, overrides, status, words in the detail, the body kept in rejects or None)
-    "garbage": ("garbage", {}, 502, ("invalid document", "not JSON"), simsource.GARBAGE_BODY),
-    "html": ("html", {}, 502, ("invalid document", "not JSON"), simsource.HTML_BODY),
+    "garbage": ("garbage", {}, 502, ("invalid document", "not JSON"), simulated.GARBAGE_BODY),
+    "html": ("html", {}, 502, ("invalid document", "not JSON"), simulated.HTML_BODY),
     "status 500": ("status/500", {}, 502, ("HTTP 500",), b'{"detail": "simulated failure"}'),
     "status 404": ("status/404", {}, 502, ("HTTP 404",), b'{"detail": "simulated failure"}'),
     "dropped mid-answer": ("drop", {}, 502, ("closed the connection",), None),
@@ -228,7 +229,7 @@ def test_the_readme_document_is_valid_when_the_maximum_age_allows_it(
         clean_db, "SELECT value, valid, tags, source_document FROM data_points"
     )
     assert (value, valid, tags) == (README_VALUE, True, [])
-    assert document.encode() == simsource.FIXED_DOCUMENT  # the upstream's answer, verbatim
+    assert document.encode() == simulated.FIXED_DOCUMENT  # the upstream's answer, verbatim
 
 
 def test_an_invalid_tag_makes_the_point_invalid(populate_from, upstream):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from dataproc import passwords, source, store
+from dataproc import passwords, store
+from dataproc.upstream.document import parse as parse_document
 from support import ACCESS_KEY, REFRESH_KEY, Client, create_user, login
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,7 +123,7 @@ def test_sigkill_in_the_middle_of_a_populate_batch_leaves_only_complete_points(s
     assert 10 <= len(rows) < 100
     for time_, value, valid, tags, document, digest in rows:
         assert document is not None and digest is not None
-        reading = source.parse_document(document.encode())  # the kept document is whole
+        reading = parse_document(document.encode())  # the kept document is whole
         assert reading.identity == bytes(digest) and reading.time == time_
         assert reading.value == value and tags is not None and isinstance(valid, bool)
 

@@ -29,6 +29,7 @@ def make_config(database_url: str | None, **overrides) -> Config:
         bcrypt_cost=TEST_COST,
         port=0,
         db_wait_s=3.0,
+        db_start_wait_s=0.0,  # one try: a test of the start wait sets its own
         upstream_timeout_s=2.0,
         socket_timeout_s=5.0,
         shutdown_grace_s=2.0,

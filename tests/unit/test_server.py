@@ -7,7 +7,9 @@ set by the test so that every limit is reached quickly.
 
 from __future__ import annotations
 
-import io
+import ast
+import gzip
+import inspect
 import json
 import logging
 import re
@@ -15,13 +17,13 @@ import socket
 import struct
 import threading
 import time
-import types
 
 import pytest
 
+from dataproc import server as server_module
 from dataproc.config import Config
 from dataproc.errors import ApiError
-from dataproc.server import Handler, HttpServer
+from dataproc.server import HttpServer
 from dataproc.web import Request, Response, Router, make_app
 
 LIMITS = dict(
@@ -49,6 +51,21 @@ class Gates:
     def __init__(self) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.closed = threading.Event()  # set by a stream's `finally`
+        self.stream_factory = lambda req: self.rows(3)
+
+    def rows(self, count: int, *, fail_after: int | None = None, pause_s: float = 0.0):
+        """A CSV stream of `count` rows that records being closed; may raise or pause."""
+        try:
+            yield b"id,value\r\n"
+            for i in range(count):
+                if fail_after is not None and i == fail_after:
+                    raise RuntimeError("database went away")
+                if pause_s:
+                    time.sleep(pause_s)
+                yield b"%d,0.5\r\n" % i
+        finally:
+            self.closed.set()
 
 
 def build_app(gates: Gates):
@@ -86,7 +103,19 @@ def build_app(gates: Gates):
     def authorization_values(req: Request) -> Response:
         return Response.json({"values": req.headers.get("authorization", [])})
 
+    def big_json(req: Request) -> Response:
+        return Response.json([{"id": i, "value": 0.5} for i in range(200)])
+
+    def stream(req: Request) -> Response:
+        return Response.streamed(gates.stream_factory(req), "text/csv", {"X-Kind": "export"})
+
+    def not_modified(req: Request) -> Response:
+        return Response.not_modified('"v1"', {"Cache-Control": "private, no-cache"})
+
     router.add("GET", "/hello", hello)
+    router.add("GET", "/big-json", big_json)
+    router.add("GET", "/stream", stream)
+    router.add("GET", "/not-modified", not_modified)
     router.add("POST", "/echo", echo_length)
     router.add("GET", "/boom", boom)
     router.add("GET", "/slow", slow)
@@ -111,11 +140,9 @@ class RecordingServer(HttpServer):
         self.accepted.append(request)
         super().process_request(request, client_address)
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.finished.release()
+    def shutdown_request(self, sock):
+        super().shutdown_request(sock)
+        self.finished.release()
 
 
 @pytest.fixture
@@ -219,6 +246,36 @@ class Raw:
 
     def request(self, data: bytes, **kwargs) -> Answer:
         return self.send(data).answer(**kwargs)
+
+    def head(self) -> tuple[str, dict[str, str]]:
+        """A response head only (a stream, a 304): its status line and headers."""
+        lines = self.read_until(b"\r\n\r\n").decode("latin-1").split("\r\n")[:-2]
+        headers = dict(tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:])
+        return lines[0], {name.lower(): value for name, value in headers.items()}
+
+    def chunks(self) -> tuple[list[bytes], bool]:
+        """The chunks of a chunked body, and whether the last chunk came (else: truncated)."""
+        chunks = []
+        while True:
+            try:
+                size_line = self.read_until(b"\r\n")
+            except AssertionError:
+                return chunks, False
+            size = int(size_line.strip(), 16)
+            while len(self.buffer) < size + 2:
+                if not self._fill():
+                    return chunks, False
+            data, self.buffer = self.buffer[: size + 2], self.buffer[size + 2 :]
+            assert data.endswith(b"\r\n"), data
+            if size == 0:
+                return chunks, True
+            chunks.append(data[:-2])
+
+    def until_closed(self) -> bytes:
+        while self._fill():
+            pass
+        data, self.buffer = self.buffer, b""
+        return data
 
     def closed_by_server(self, timeout: float = 2.0) -> bool:
         """True when the server has closed: EOF (or a reset) with no further bytes."""
@@ -346,15 +403,33 @@ def test_http_2_0_gets_a_json_505(server):
     assert_json_error(answer, 505, closes=True)
 
 
-def test_the_stdlib_send_error_writes_json_not_html():
-    handler = object.__new__(Handler)
-    handler.wfile, handler.command, handler.close_connection = io.BytesIO(), None, False
-    handler.server = types.SimpleNamespace(draining=False)
-    handler.send_error(501, "Unsupported method ('BREW')")
-    head, _, body = handler.wfile.getvalue().partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 501 ") and b"Content-Type: application/json" in head
-    assert json.loads(body) == {"detail": "Unsupported method ('BREW')"}
-    assert b"<" not in body and handler.close_connection
+def test_no_stdlib_http_server_handler_runs_so_none_can_answer_in_html():
+    # `BaseHTTPRequestHandler.send_error` writes HTML and the stdlib calls it itself; the
+    # server uses no `http.server` class at all, so that path cannot be reached.
+    tree = ast.parse(inspect.getsource(server_module))
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert "http.server" not in imported and "socketserver" not in imported
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"BAD\r\n\r\n", 400),
+        (b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"v" * 1100 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/3.0\r\nHost: t\r\n\r\n", 505),
+    ],
+    ids=["400", "414", "431", "505"],
+)
+def test_every_error_the_stdlib_would_answer_in_html_is_json(server, data, status):
+    answer = Raw(server).request(data)
+    assert_json_error(answer, status, closes=True)
+    assert b"<" not in answer.body
 
 
 # --- 3: every verb reaches the router -----------------------------------------------------
@@ -640,15 +715,12 @@ def test_every_answer_carries_nosniff_and_a_date(server):
 # --- 11: logging --------------------------------------------------------------------------
 
 
-def test_the_stdlib_log_methods_go_to_logging_not_stderr(caplog, capfd):
-    handler = object.__new__(Handler)
-    handler.client_address, handler.requestline = ("192.0.2.7", 4242), "GET /x HTTP/1.1"
-    caplog.set_level(logging.DEBUG, logger="dataproc.server")
-    handler.log_request(200)
-    handler.log_error("code %d, message %s", 400, "bad")
-    messages = [r.getMessage() for r in caplog.records if r.name == "dataproc.server"]
-    assert any("GET /x HTTP/1.1" in m and "192.0.2.7" in m for m in messages)
-    assert any("code 400, message bad" in m for m in messages)
+def test_protocol_errors_and_failures_go_to_logging_not_stderr(server, caplog, capfd):
+    caplog.set_level(logging.DEBUG, logger="dataproc")
+    Raw(server).request(b"GET /x HTTP/1.1\r\nBad Name: v\r\n\r\n")
+    Raw(server).request(get("/boom"))
+    assert any(r.name == "dataproc.access" and r.status == 400 for r in caplog.records)
+    assert any(r.exc_info and "unexpected" in str(r.exc_info[1]) for r in caplog.records)
     assert capfd.readouterr().err == ""
 
 
@@ -890,3 +962,184 @@ def test_a_response_header_value_cannot_carry_a_line_break(start):
 
     answer = Raw(start(app)).request(get("/"))
     assert answer.get("Set-Cookie") is None and answer.get("X-Echo") == "a  Set-Cookie: evil=1"
+
+
+# --- idle connections cost no thread --------------------------------------------------------
+
+
+def test_idle_keep_alive_connections_hold_no_worker_thread(start):
+    def threads() -> int:
+        return threading.active_count()
+
+    server = start(threads=2, max_connections=64)
+    assert Raw(server).request(get("/hello")).status == 200  # the workers have started
+    before = threads()
+    idle = [Raw(server) for _ in range(40)]
+    for conn in idle:
+        assert conn.request(get("/hello")).status == 200  # each now idle, kept alive
+    assert threads() <= before  # 40 more connections, not one more thread
+    for conn in idle:  # every parked connection is still served
+        assert conn.request(get("/hello")).status == 200
+
+
+def test_a_slow_sender_holds_no_worker_while_its_head_arrives(start):
+    server = start(threads=1, socket_timeout_s=2.0)
+    slow = Raw(server).send(b"GET /hello HTTP/1.1\r\nHost: te")  # and nothing more for now
+    fast = Raw(server)
+    assert fast.request(get("/hello")).status == 200  # the one worker was free
+    slow.send(b"st\r\n\r\n")
+    assert slow.answer().status == 200
+
+
+def test_pipelined_requests_are_answered_in_order(server):
+    conn = Raw(server)
+    conn.send(get("/hello") + post("/echo", b"abc", "Content-Type: text/plain") + get("/nowhere"))
+    assert [conn.answer().status for _ in range(3)] == [200, 200, 404]
+
+
+# --- 18: streams ----------------------------------------------------------------------------
+
+
+def test_a_stream_is_sent_chunked_and_the_connection_is_kept(server, gates):
+    conn = Raw(server)
+    status, headers = conn.send(get("/stream")).head()
+    assert status == "HTTP/1.1 200 OK" and headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in headers and headers["content-type"] == "text/csv"
+    assert headers["x-kind"] == "export" and GENERATED_ID.fullmatch(headers["x-request-id"])
+    chunks, complete = conn.chunks()
+    assert complete and b"".join(chunks) == b"id,value\r\n0,0.5\r\n1,0.5\r\n2,0.5\r\n"
+    assert gates.closed.wait(1)
+    assert conn.request(get("/hello")).status == 200
+
+
+def test_a_stream_to_http_1_0_ends_with_the_connection(server):
+    conn = Raw(server)
+    status, headers = conn.send(b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").head()
+    assert "transfer-encoding" not in headers and "content-length" not in headers
+    assert headers["connection"] == "close"
+    assert conn.until_closed() == b"id,value\r\n0,0.5\r\n1,0.5\r\n2,0.5\r\n"
+
+
+def test_a_stream_that_fails_after_the_first_byte_ends_without_its_last_chunk(
+    server, gates, caplog
+):
+    gates.stream_factory = lambda req: gates.rows(5, fail_after=2)
+    conn = Raw(server)
+    status, _ = conn.send(get("/stream")).head()
+    chunks, complete = conn.chunks()
+    assert status.startswith("HTTP/1.1 200") and not complete
+    assert b"".join(chunks) == b"id,value\r\n0,0.5\r\n1,0.5\r\n"
+    assert conn.closed_by_server()
+    assert any(r.exc_info and "database went away" in repr(r.exc_info[1].__cause__)
+               for r in caplog.records)  # fmt: skip
+
+
+def test_a_stream_that_fails_before_its_first_byte_is_an_ordinary_json_error(server, gates):
+    def refused(req):
+        raise ApiError(503, "too many exports", {"Retry-After": "1"})
+        yield b""  # a generator: the error comes on the first next()
+
+    gates.stream_factory = refused
+    conn = Raw(server)
+    answer = conn.request(get("/stream"))
+    assert answer.status == 503 and answer.json() == {"detail": "too many exports"}
+    assert answer.get("Retry-After") == "1" and gates.closed.is_set() is False
+    assert conn.request(get("/hello")).status == 200
+
+
+def test_a_client_gone_mid_stream_closes_the_iterator_within_a_second(server, gates):
+    gates.stream_factory = lambda req: gates.rows(10_000, pause_s=0.01)
+    conn = Raw(server)
+    conn.send(get("/stream")).head()
+    conn.read_until(b"0,0.5\r\n")
+    conn.close()
+    assert gates.closed.wait(1.0)
+
+
+def test_a_reader_that_stops_reading_is_bounded_by_the_socket_timeout(start, gates):
+    server = start(socket_timeout_s=0.3)
+    gates.stream_factory = lambda req: (b"x" * 65536 for _ in range(100_000))
+    conn = Raw(server)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.send(get("/stream"))  # and never read: the server's writes block, then time out
+    assert server.finished.acquire(timeout=5)
+
+
+class ClosingIterator:
+    """An iterator that records `close()` (a generator never started runs no `finally`)."""
+
+    def __init__(self, closed: threading.Event):
+        self.closed = closed
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        return b"row\r\n"
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+@pytest.mark.parametrize("accept", ["identity", "gzip"])
+def test_head_of_a_stream_sends_the_headers_only_and_closes_the_iterator(server, gates, accept):
+    gates.stream_factory = lambda req: ClosingIterator(gates.closed)
+    conn = Raw(server)
+    status, headers = conn.send(get("/stream", f"Accept-Encoding: {accept}", method="HEAD")).head()
+    assert status.startswith("HTTP/1.1 200") and headers["transfer-encoding"] == "chunked"
+    assert (headers.get("content-encoding") == "gzip") is (accept == "gzip")
+    assert gates.closed.wait(1)
+    assert conn.request(get("/hello")).status == 200  # no body bytes came before it
+
+
+# --- gzip, once for every endpoint ----------------------------------------------------------
+
+
+def test_a_json_body_over_1_kib_is_gzipped_when_the_client_allows(server):
+    conn = Raw(server)
+    plain = conn.request(get("/big-json"))
+    zipped = conn.request(get("/big-json", "Accept-Encoding: br, gzip;q=0.8"))
+    assert zipped.get("Content-Encoding") == "gzip" and zipped.get("Vary") == "Accept-Encoding"
+    assert gzip.decompress(zipped.body) == plain.body and len(zipped.body) < len(plain.body) / 4
+    assert plain.get("Content-Encoding") is None and plain.get("Vary") == "Accept-Encoding"
+
+
+def test_head_shows_the_headers_of_the_gzipped_get(server):
+    conn = Raw(server)
+    full = conn.request(get("/big-json", "Accept-Encoding: gzip"))
+    head = conn.request(get("/big-json", "Accept-Encoding: gzip", method="HEAD"), head=True)
+    for name in ("Content-Encoding", "Content-Length", "Vary", "Content-Type"):
+        assert head.get(name) == full.get(name), name
+
+
+@pytest.mark.parametrize("accept", ["gzip;q=0", "identity", "*;q=0", "*, gzip;q=0"])
+def test_gzip_refused_by_the_client_is_not_used(server, accept):
+    answer = Raw(server).request(get("/big-json", f"Accept-Encoding: {accept}"))
+    assert answer.get("Content-Encoding") is None and answer.json()[0] == {"id": 0, "value": 0.5}
+
+
+def test_a_small_body_is_never_gzipped(server):
+    answer = Raw(server).request(get("/hello", "Accept-Encoding: gzip"))
+    assert answer.get("Content-Encoding") is None and answer.get("Vary") is None
+
+
+def test_a_stream_is_gzipped_chunk_by_chunk(server, gates):
+    conn = Raw(server)
+    _, headers = conn.send(get("/stream", "Accept-Encoding: *")).head()
+    assert headers["content-encoding"] == "gzip" and headers["vary"] == "Accept-Encoding"
+    chunks, complete = conn.chunks()
+    assert complete and len(chunks) >= 4  # flushed per chunk, not gathered
+    assert gzip.decompress(b"".join(chunks)) == b"id,value\r\n0,0.5\r\n1,0.5\r\n2,0.5\r\n"
+    assert gates.closed.wait(1)
+
+
+# --- 19: 304 ------------------------------------------------------------------------------
+
+
+def test_a_304_has_no_body_and_no_length_and_keeps_the_connection(server):
+    conn = Raw(server)
+    status, headers = conn.send(get("/not-modified", "Accept-Encoding: gzip")).head()
+    assert status == "HTTP/1.1 304 Not Modified" and headers["etag"] == '"v1"'
+    assert headers["cache-control"] == "private, no-cache" and "x-request-id" in headers
+    assert "content-length" not in headers and "content-encoding" not in headers
+    assert conn.request(get("/hello")).status == 200  # no body bytes came before it

@@ -1,5 +1,6 @@
 """Unit tests of `dataproc.web` with literals: the router, JSON responses, error shapes and
-strict request bodies. No sockets: routing and body reading are data in, data out."""
+strict request bodies (the JSON loader itself is tested in test_strictjson.py). No sockets:
+routing and body reading are data in, data out."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ import logging
 import pytest
 
 from dataproc.errors import ApiError, Unauthorized, ValidationError, invalid, retry_later
+from dataproc.strictjson import MAX_DEPTH
 from dataproc.web import (
-    MAX_JSON_DEPTH,
     Request,
     Response,
     Router,
     error_response,
-    loads_strict,
     make_app,
     read_body,
 )
@@ -175,6 +175,24 @@ def test_response_raw_json_passes_bytes_through():
 # --- error shapes -------------------------------------------------------------------------
 
 
+def test_response_streamed_carries_the_chunks_the_type_and_no_body():
+    response = Response.streamed([b"a", b"b"], "text/csv", {"X-A": "1"}, status=206)
+    assert (response.status, response.body) == (206, b"")
+    assert response.headers == {"Content-Type": "text/csv", "X-A": "1"}
+    assert response.stream is not None and list(response.stream) == [b"a", b"b"]
+
+
+def test_a_streamed_response_with_body_bytes_is_refused():
+    with pytest.raises(ValueError):
+        Response(200, b"x", stream=iter([b"y"]))
+
+
+def test_not_modified_is_a_bodiless_304_with_the_etag_and_the_given_headers():
+    response = Response.not_modified('"v1"', {"Cache-Control": "private, no-cache", "Vary": "A"})
+    assert (response.status, response.body, response.stream) == (304, b"", None)
+    assert response.headers == {"Cache-Control": "private, no-cache", "Vary": "A", "ETag": '"v1"'}
+
+
 def test_an_error_with_a_message_is_a_detail_string():
     response = error_response(ApiError(409, "username already taken"))
     assert (response.status, response.body) == (409, b'{"detail":"username already taken"}')
@@ -328,9 +346,16 @@ def test_a_json_body_with_a_non_finite_number_is_422(constant):
 
 
 def test_a_json_body_nested_too_deeply_is_422():
-    body = b'{"a": ' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}"
+    body = b'{"a": ' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}"
     problem = only_problem(body_error(request("POST", body=body, content_type="application/json")))
     assert "nested too deeply" in problem["msg"]
+
+
+def test_a_json_body_with_a_lone_surrogate_is_422_saying_where():
+    req = request("POST", body=b'{"name": "\\ud800"}', content_type="application/json")
+    problem = only_problem(body_error(req))
+    assert problem["loc"] == ["body", "body"] and problem["type"] == "json_invalid"
+    assert problem["msg"] == "invalid JSON: text contains an unpaired surrogate at '/name'"
 
 
 def test_invalid_utf8_in_a_json_body_is_422():
@@ -358,54 +383,3 @@ def test_a_malformed_form_body_is_422(body):
 def test_a_form_with_too_many_fields_is_422():
     req = request("POST", body=b"a=1&b=2&c=3", content_type="application/x-www-form-urlencoded")
     assert only_problem(body_error(req, max_fields=2))["loc"] == ["body", "body"]
-
-
-# --- loads_strict -------------------------------------------------------------------------
-
-
-def test_loads_strict_reads_plain_json_from_bytes_or_text():
-    assert loads_strict(b'{"a": [1, 2.5, "x", true, null]}') == {"a": [1, 2.5, "x", True, None]}
-    assert loads_strict("[]") == []
-
-
-@pytest.mark.parametrize("text", ["NaN", "[Infinity]", '{"a": -Infinity}'])
-def test_loads_strict_refuses_non_finite_constants(text):
-    with pytest.raises(ValueError, match="not valid JSON"):
-        loads_strict(text)
-
-
-def test_loads_strict_refuses_duplicate_keys_at_any_depth():
-    with pytest.raises(ValueError, match="duplicate key"):
-        loads_strict('{"a": {"b": 1, "b": 2}}')
-
-
-def test_loads_strict_accepts_nesting_at_the_limit():
-    depth = MAX_JSON_DEPTH
-    assert loads_strict("[" * depth + "]" * depth) == json.loads("[" * depth + "]" * depth)
-
-
-def test_loads_strict_refuses_nesting_over_the_limit():
-    depth = MAX_JSON_DEPTH + 1
-    with pytest.raises(ValueError, match="nested too deeply"):
-        loads_strict("[" * depth + "]" * depth)
-
-
-def test_loads_strict_does_not_count_brackets_inside_strings():
-    assert loads_strict('{"password": "' + "[" * 60 + '{"}') == {"password": "[" * 60 + "{"}
-    assert loads_strict(r'{"a": "\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}')["a"].startswith('"[')
-
-
-def test_loads_strict_nesting_cannot_hide_behind_closing_brackets_in_strings():
-    text = '{"a": "' + "]" * 100 + '", "b": ' + "[" * 5000 + "]" * 5000 + "}"
-    with pytest.raises(ValueError, match="nested too deeply"):
-        loads_strict(text)
-
-
-def test_loads_strict_refuses_invalid_utf8_as_a_value_error():
-    with pytest.raises(ValueError):
-        loads_strict(b'"\xc3\x28"')
-
-
-def test_loads_strict_refuses_a_lone_surrogate():
-    with pytest.raises(ValueError):
-        loads_strict(r'{"name": "\ud800"}')

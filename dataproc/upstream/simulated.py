@@ -27,9 +27,10 @@ asked to by the request PATH, so a test can point the service's upstream URL at 
 Any other method (POST, HEAD, ...) gets 405 with a JSON body. A bad query parameter gets 400
 with a JSON body, so a typo in a test's URL fails loudly instead of serving a normal document.
 
-It leaves to others: parsing and judging documents (``source.py``, ``ingest.py``) and the
-command line as a whole (``__main__.py`` configures logging and calls :func:`main`). It
-imports nothing from ``dataproc`` so it can run, or be lifted out, on its own.
+It leaves to others: parsing and judging documents (``upstream/document.py``, ``ingest.py``)
+and the command line as a whole (``__main__.py`` configures logging and calls :func:`main`).
+It imports nothing from ``dataproc`` so it can run, or be lifted out, on its own; nothing on
+a request path imports it (only the command line and zero configuration start it).
 """
 
 import argparse
@@ -48,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 DEFAULT_PORT = 28462
@@ -92,7 +94,7 @@ _INT_RE = re.compile(r"-?[0-9]{1,15}")  # int() alone would accept "+5", " 5", "
 _MAX_QUERY_FIELDS = 20
 _MAX_DRAIN_BYTES = 1024 * 1024
 
-logger = logging.getLogger("dataproc.simsource")
+logger = logging.getLogger("dataproc.upstream.simulated")
 
 
 # --- documents (pure: no sockets, no clock) -------------------------------------------------
@@ -410,7 +412,7 @@ class SimulatedUpstream(ThreadingHTTPServer):
         # HTTPServer.server_bind calls socket.getfqdn(): a reverse DNS lookup that can stall
         # for seconds in containers. The bare bind is all we need.
         socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
+        host, port = _host_port(self)
         self.server_name = host
         self.server_port = port
 
@@ -456,13 +458,20 @@ def make_server(
     return cls((host, port), seed=seed)
 
 
+def _host_port(server: socketserver.BaseServer) -> tuple[str, int]:
+    """The bound host and port: an AF_INET address is (host, port), AF_INET6 adds two more."""
+    address = cast(tuple[str, int], server.server_address)  # typeshed allows any address type
+    return address[0], address[1]
+
+
 def base_url(server: SimulatedUpstream, host: str | None = None) -> str:
     """The http://HOST:PORT/ URL a client uses to reach ``server``."""
-    host = host or server.server_address[0]
+    bound_host, port = _host_port(server)
+    host = host or bound_host
     # A wildcard address is not a place to connect to; loopback reaches it.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{server.server_address[1]}/"
+    return f"http://{shown}:{port}/"
 
 
 def start_in_thread(
@@ -474,7 +483,7 @@ def start_in_thread(
     thread = threading.Thread(
         target=server.serve_forever,
         kwargs={"poll_interval": 0.05},
-        name="dataproc-simsource",
+        name="dataproc-upstream-simulated",
         daemon=True,
     )
     thread.start()
@@ -536,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    logger.info("simulated upstream listening on http://%s:%d/", shown, server.server_address[1])
+    logger.info("simulated upstream listening on http://%s:%d/", shown, _host_port(server)[1])
     with _sigterm_stops():
         try:
             server.serve_forever()
@@ -548,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run directly (python -m dataproc.simsource) there is no CLI to configure logging.
+    # Run directly (python -m dataproc.upstream.simulated) there is no CLI to configure logging.
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

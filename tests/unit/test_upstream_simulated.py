@@ -1,4 +1,4 @@
-"""Tests for dataproc.simsource: the simulated upstream, over real sockets on port 0."""
+"""Tests for dataproc.upstream.simulated: the simulated upstream, over real sockets on port 0."""
 
 import http.client
 import json
@@ -18,15 +18,15 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from dataproc import simsource
+from dataproc.upstream import simulated
 
-ALLOWED_TAGS = {tuple(t) for t in simsource.TAG_CHOICES}
+ALLOWED_TAGS = {tuple(t) for t in simulated.TAG_CHOICES}
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def upstream():
-    server, url = simsource.start_in_thread(port=0)
+    server, url = simulated.start_in_thread(port=0)
     yield server, url
     server.shutdown()
     server.server_close()
@@ -68,18 +68,18 @@ def _assert_document(doc: dict, near: float) -> None:
 def test_random_value_never_decodes_to_nan_or_infinity():
     rng = random.Random(1)
     # 1 in 256 raw draws would be non-finite, so 20000 draws would hit ~78 without the guard.
-    assert all(math.isfinite(_decode(simsource.random_value(rng))) for _ in range(20000))
+    assert all(math.isfinite(_decode(simulated.random_value(rng))) for _ in range(20000))
 
 
 def test_random_tags_come_from_the_upstream_set_and_are_mostly_empty():
     rng = random.Random(2)
-    counts = Counter(tuple(simsource.random_tags(rng)) for _ in range(3000))
+    counts = Counter(tuple(simulated.random_tags(rng)) for _ in range(3000))
     assert set(counts) == ALLOWED_TAGS
     assert counts.most_common(1)[0][0] == ()
 
 
 def test_huge_document_is_valid_json_of_exactly_the_size():
-    body = simsource.huge_document(1713798477, 5000)
+    body = simulated.huge_document(1713798477, 5000)
     assert len(body) == 5000
     assert json.loads(body)["value"] == [1, 2, 3, 4]
 
@@ -328,7 +328,7 @@ def test_head_gets_405_without_a_body_and_the_connection_stays_usable(upstream):
         conn.request("POST", "/", body=b"some body bytes")
         assert conn.getresponse().read() == b'{"detail": "method not allowed"}'
         conn.request("GET", "/fixed")
-        assert conn.getresponse().read() == simsource.FIXED_DOCUMENT
+        assert conn.getresponse().read() == simulated.FIXED_DOCUMENT
     finally:
         conn.close()
 
@@ -358,7 +358,7 @@ def test_requests_served_counts_every_request(upstream):
 def test_same_seed_gives_the_same_documents():
     firsts = []
     for seed in (7, 7, 8):
-        server, url = simsource.start_in_thread(seed=seed)
+        server, url = simulated.start_in_thread(seed=seed)
         try:
             docs = [json.loads(_get(url, "/")[2]) for _ in range(3)]
         finally:
@@ -396,7 +396,7 @@ def test_server_bind_does_no_reverse_dns(monkeypatch):
         raise AssertionError("getfqdn called")
 
     monkeypatch.setattr(socket, "getfqdn", no_dns)
-    server = simsource.make_server(port=0)
+    server = simulated.make_server(port=0)
     try:
         assert server.server_name == "127.0.0.1"
         assert server.server_port == server.server_address[1] != 0
@@ -405,7 +405,7 @@ def test_server_bind_does_no_reverse_dns(monkeypatch):
 
 
 def test_make_server_is_tuned_for_threads_and_bursts():
-    server = simsource.make_server(port=0)
+    server = simulated.make_server(port=0)
     try:
         assert server.daemon_threads and server.allow_reuse_address
         assert server.request_queue_size == 128
@@ -420,7 +420,7 @@ def test_start_in_thread_returns_a_loopback_base_url(upstream):
 
 def test_access_log_goes_to_the_logger_not_stderr(upstream, caplog, capsys):
     _, url = upstream
-    caplog.set_level("DEBUG", logger="dataproc.simsource")
+    caplog.set_level("DEBUG", logger="dataproc.upstream.simulated")
     _get(url, "/garbage")
     deadline = time.monotonic() + 2
     # The log line is written after the answer, on the server's thread: wait for it.
@@ -428,7 +428,7 @@ def test_access_log_goes_to_the_logger_not_stderr(upstream, caplog, capsys):
         assert time.monotonic() < deadline, "no access log record"
         time.sleep(0.01)
     record = next(r for r in caplog.records if "/garbage" in r.getMessage())
-    assert record.name == "dataproc.simsource" and record.levelname == "DEBUG"
+    assert record.name == "dataproc.upstream.simulated" and record.levelname == "DEBUG"
     assert capsys.readouterr().err == ""
 
 
@@ -449,7 +449,7 @@ def test_a_client_that_leaves_during_slow_is_ignored_quietly(upstream, caplog, c
 def test_main_reports_a_port_in_use_in_one_line(upstream, capsys):
     server, _ = upstream
     port = server.server_address[1]
-    assert simsource.main(["--port", str(port)]) == 2
+    assert simulated.main(["--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith(f"dataproc source: cannot listen on 127.0.0.1:{port}: ")
@@ -472,7 +472,7 @@ def _read_line(stream, timeout: float) -> str:
 def test_main_serves_until_sigterm_then_returns_0():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dataproc.simsource", "--port", "0", "--seed", "3"],
+        [sys.executable, "-m", "dataproc.upstream.simulated", "--port", "0", "--seed", "3"],
         cwd=REPO,
         env=env,
         stderr=subprocess.PIPE,
@@ -481,7 +481,7 @@ def test_main_serves_until_sigterm_then_returns_0():
         line = _read_line(proc.stderr, timeout=10)
         assert "simulated upstream listening on http://127.0.0.1:" in line
         url = line[line.index("http://") :].strip()
-        assert _get(url, "/fixed")[2] == simsource.FIXED_DOCUMENT
+        assert _get(url, "/fixed")[2] == simulated.FIXED_DOCUMENT
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert "Traceback" not in proc.stderr.read().decode()
