@@ -32,7 +32,7 @@ log = logging.getLogger("dataproc.notify")
 POINTS, USERS, SESSIONS = "dataproc_points", "dataproc_users", "dataproc_sessions"
 CHANNELS = (POINTS, USERS, SESSIONS)  # what runtime.Service's listener listens on
 _TICK_S = 0.1  # how often the thread looks at the stop flag: bounds stop()'s wait
-_PING_S = 5.0  # an idle connection is checked this often (a silent network loss)
+_PING_S = 1.0  # an idle connection is checked this often (a silent network loss)
 # A silently dead peer is noticed within seconds, not at the kernel's ~15 min retransmission
 # timeout: TCP keepalives and a bound on unacknowledged data (ignored on Unix sockets).
 _CONNECT_TIMEOUT_S = 2
@@ -41,10 +41,10 @@ _CONNECT_PARAMS: dict[str, str | int] = {
     "connect_timeout": _CONNECT_TIMEOUT_S,
     "application_name": "dataproc-listener",
     "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
+    "keepalives_idle": 2,
+    "keepalives_interval": 1,
     "keepalives_count": 2,
-    "tcp_user_timeout": 5000,
+    "tcp_user_timeout": 2000,
 }
 
 

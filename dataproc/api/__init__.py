@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from ..errors import ApiError
 from ..web import Request, Response, Router
-from . import accounts, data, export, ingestion, service, sessions, users
+from . import accounts, data, export, ingestion, service, sessions, summary, users
 from .context import Context
 from .params import decode_cursor, encode_cursor, parse_data_query
 
@@ -32,6 +32,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     *sessions.ROUTES,
     *users.ROUTES,
     *data.ROUTES,
+    *summary.ROUTES,
     *export.ROUTES,
     *ingestion.ROUTES,
     *service.ROUTES,

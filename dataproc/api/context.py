@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from psycopg_pool import ConnectionPool
 
 from .. import auth, ingest, notify
+from ..cache import ReadCache
 from ..config import Config
 from ..metrics import Metrics
 
@@ -32,6 +33,9 @@ class Context:
     checker: auth.PasswordChecker = field(init=False)
     sessions: auth.SessionRegistry = field(init=False)
     exports: threading.BoundedSemaphore = field(init=False)  # slots of concurrent exports
+    # Answers of reads and the roles of callers (DATAPROC_CACHE); serves nothing while
+    # `listener` is unhealthy or absent.
+    cache: ReadCache = field(init=False)
 
     def __post_init__(self) -> None:
         self.throttle = auth.LoginThrottle(
@@ -40,6 +44,11 @@ class Context:
         self.checker = auth.PasswordChecker(self.config)
         self.sessions = auth.SessionRegistry(self.pool, self.listener)
         self.exports = threading.BoundedSemaphore(self.config.export_slots)
+        self.cache = ReadCache(
+            self.listener,
+            max_bytes=self.config.cache_mb * 1024 * 1024,
+            enabled=self.config.cache_enabled,
+        )
 
     def ingestor(self) -> ingest.Ingestor:
         """An ingestor for the configured upstream."""

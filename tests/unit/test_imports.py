@@ -93,6 +93,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "metrics",
             "notify",
             "rules",
+            "cache",
         }
     ),
     "protocol": frozenset({"config"}),  # pure HTTP/1.1 bytes: limits come from Config
@@ -104,6 +105,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "poller": frozenset({"ingest", "store", "config"}),
     "sweeper": frozenset({"store"}),  # the session sweep: a background job like the poller
     "notify": frozenset({"store"}),  # the LISTEN statement, like every statement, is in store
+    "cache": LEAF,  # pure bookkeeping: the listener it is handed, never imported
     # workers pre-forks processes that each run runtime.Service: part of the shell with
     # __main__ (which alone calls it), so it is the one other module that may import runtime.
     "workers": frozenset({"runtime", "config", "logs"}),
