@@ -263,11 +263,11 @@ class HttpServer:
         else:
             self._close(channel)
 
-    def _park(self, channel: Channel) -> None:
+    def _park(self, channel: Channel, *, finished: bool = False) -> None:
         """Wait in the selector for the rest of a request head, or for the next request
         (from the loop or a worker). Under the lock that `drain` and `server_close` take: a
         channel is either parked before they look, or closed here; none is left open with
-        no loop to watch it."""
+        no loop to watch it. `finished`: a worker hands the channel back (one lock for both)."""
         if not channel.lingering:
             channel.deadline = time.monotonic() + self.config.socket_timeout_s
         with self._lock:
@@ -280,8 +280,13 @@ class HttpServer:
                 except (ValueError, OSError):  # the client's socket is already gone
                     self._parked.pop(fd, None)
                     parked = False
+            if finished and parked:
+                self._release_worker()
         if not parked:
             self._close(channel)
+            if finished:
+                with self._lock:
+                    self._release_worker()
 
     def _unpark(self, channel: Channel) -> None:
         """Take a parked channel out of the poller (expiry, close); a no-op if not parked."""
@@ -369,14 +374,18 @@ class HttpServer:
         """Give the channel back to the loop, or close it (always when draining)."""
         if after is Next.LINGER and not self._start_linger(channel):
             after = Next.CLOSE
-        if after is Next.CLOSE:
-            self._close(channel)
-        else:
-            self._park(channel)
+        if after is not Next.CLOSE:
+            self._park(channel, finished=True)
+            return
+        self._close(channel)
         with self._lock:
-            self._busy -= 1
-            if not self._busy:
-                self._idle.notify_all()
+            self._release_worker()
+
+    def _release_worker(self) -> None:
+        """One worker fewer is busy (called under `_lock`); `drain` waits for none."""
+        self._busy -= 1
+        if not self._busy:
+            self._idle.notify_all()
 
     def _start_linger(self, channel: Channel) -> bool:
         """Lingering close (RFC 9112 §9.6): after an early answer (413, 414, 431, 503...),
