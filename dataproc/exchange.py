@@ -34,7 +34,7 @@ log = logging.getLogger("dataproc.server")
 access_log = logging.getLogger("dataproc.access")
 
 RECV_BYTES = 65536
-TURN_REQUESTS = 32  # requests one worker serves on a channel before it goes back to the loop
+TURN_READS = 32  # next requests a worker reads itself before the channel goes back to the loop
 Observer = Callable[[Request, Response, float], None]
 
 
@@ -78,16 +78,20 @@ class Exchange:
 
     def serve(self, channel: Channel) -> Next:
         """Serve the requests whose heads are buffered (pipelining), and the next ones that
-        are already waiting on the socket, then hand back (at most `TURN_REQUESTS`, so one
-        busy connection cannot keep a worker from the queue)."""
+        are already waiting on the socket, then hand back. At most `TURN_READS` are read
+        here, so one busy connection cannot keep a worker from the queue; a head already in
+        the buffer is always served (the loop only hears of bytes still in the socket)."""
+        reads = TURN_READS
         try:
-            for _ in range(TURN_REQUESTS):
+            while True:
                 after = self._serve_one(channel)
                 if after is not Next.KEEP:
                     return after
-                if protocol.head_end(channel.buffer) < 0 and not self._read_waiting(channel):
+                if protocol.head_end(channel.buffer) >= 0:
+                    continue
+                if not reads or not self._read_waiting(channel):
                     return after
-            return Next.KEEP
+                reads -= 1
         except (ConnectionError, TimeoutError, _ClientGone):
             return Next.CLOSE  # sharp edge 13: the client went away; nothing to answer
 
