@@ -73,14 +73,17 @@ class Exchange:
         app: Callable[[Request], Response],
         observe: Observer | None,
         draining: Callable[[], bool],
+        others_waiting: Callable[[], bool],
     ):
         self.config, self.app, self._observe, self._draining = config, app, observe, draining
+        self._others_waiting = others_waiting
 
     def serve(self, channel: Channel) -> Next:
         """Serve the requests whose heads are buffered (pipelining), and the next ones that
-        are already waiting on the socket, then hand back. At most `TURN_READS` are read
-        here, so one busy connection cannot keep a worker from the queue; a head already in
-        the buffer is always served (the loop only hears of bytes still in the socket)."""
+        are already waiting on the socket, then hand back. A next request is read here only
+        while no other channel waits for a worker, and at most `TURN_READS` times, so a busy
+        connection cannot hold a worker while others queue (their p99 would pay); a head
+        already in the buffer is always served (the loop only hears of bytes in the socket)."""
         reads = TURN_READS
         try:
             while True:
@@ -89,7 +92,7 @@ class Exchange:
                     return after
                 if protocol.head_end(channel.buffer) >= 0:
                     continue
-                if not reads or not self._read_waiting(channel):
+                if not reads or self._others_waiting() or not self._read_waiting(channel):
                     return after
                 reads -= 1
         except (ConnectionError, TimeoutError, _ClientGone):

@@ -129,7 +129,6 @@ class HttpServer:
         self.config, self.app = config, app
         self.request_queue_size = config.listen_backlog  # sharp edge 8: the stdlib says 5
         self._observe = observe
-        self._exchange = Exchange(config, app, observe, lambda: self.draining)
         # A pre-forked worker inherits the parent's listening socket.
         self.socket = sock if sock is not None else _bind(config)
         self.socket.setblocking(False)  # workers sharing it get EAGAIN, never block in accept
@@ -143,6 +142,10 @@ class HttpServer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._tasks: queue.SimpleQueue[Channel | None] = queue.SimpleQueue()
+        # A worker reads a next request itself only while no other channel queues for one.
+        self._exchange = Exchange(
+            config, app, observe, lambda: self.draining, lambda: not self._tasks.empty()
+        )
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
