@@ -268,28 +268,34 @@ class HttpServer:
 
     def _park(self, channel: Channel, *, finished: bool = False) -> None:
         """Wait in the selector for the rest of a request head, or for the next request
-        (from the loop or a worker). Under the lock that `drain` and `server_close` take: a
-        channel is either parked before they look, or closed here; none is left open with
-        no loop to watch it. `finished`: a worker hands the channel back (one lock for both)."""
+        (from the loop or a worker). Entered in `_parked` under the lock that `drain` and
+        `server_close` take, so they see every parked channel; armed after it, because the
+        epoll call releases the GIL and a lock held across it made every other worker wait.
+        If `server_close` won meanwhile, arming fails (or finds the channel gone) and the
+        channel is closed here; none is left open with no loop to watch it. `finished`: a
+        worker hands the channel back (one lock for both)."""
         if not channel.lingering:
             channel.deadline = time.monotonic() + self.config.socket_timeout_s
+        fd = channel.sock.fileno()
         with self._lock:
-            parked = not (self._closed or (self.draining and not channel.lingering))
+            parked = fd >= 0 and not (self._closed or (self.draining and not channel.lingering))
             if parked:
-                fd = channel.sock.fileno()
-                try:
-                    self._parked[fd] = channel
-                    self._poller.arm(fd)
-                except (ValueError, OSError):  # the client's socket is already gone
-                    self._parked.pop(fd, None)
-                    parked = False
-            if finished and parked:
-                self._release_worker()
-        if not parked:
-            self._close(channel)
-            if finished:
-                with self._lock:
+                self._parked[fd] = channel
+                if finished:
                     self._release_worker()
+                    finished = False
+        if parked:
+            try:
+                self._poller.arm(fd)
+                return
+            except (ValueError, OSError):  # the client's socket, or the poller, is gone
+                with self._lock:
+                    if self._parked.get(fd) is channel:
+                        del self._parked[fd]
+        self._close(channel)
+        if finished:  # after the close: once `drain` sees no busy worker, this one is closed
+            with self._lock:
+                self._release_worker()
 
     def _unpark(self, channel: Channel) -> None:
         """Take a parked channel out of the poller (expiry, close); a no-op if not parked."""
@@ -328,10 +334,10 @@ class HttpServer:
 
     def _rearm(self, channel: Channel) -> None:
         """Park again, keeping the deadline already running (a head still arriving)."""
+        fd = channel.sock.fileno()
         with self._lock:
-            fd = channel.sock.fileno()
             self._parked[fd] = channel
-            self._poller.arm(fd)
+        self._poller.arm(fd)  # outside the lock, as in `_park`; the poller outlives this loop
 
     def _expire(self, now: float) -> None:
         """Close silent connections; a half-sent head goes to a worker for its 408."""
@@ -405,11 +411,13 @@ class HttpServer:
         return True
 
     def _close(self, channel: Channel) -> None:
+        """Close the socket and free its slot, once (a worker and `server_close` may race)."""
         _close_socket(channel.sock)
-        if channel.counted:
-            channel.counted = False
-            with self._lock:
+        with self._lock:
+            counted, channel.counted = channel.counted, False
+            if counted:
                 self._open -= 1
+        if counted:
             self.shutdown_request(channel.sock)
 
     def shutdown_request(self, sock: socket.socket) -> None:
