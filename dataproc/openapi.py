@@ -3,8 +3,10 @@
 Owns: `document()` (every route of `api.ROUTES` and the service endpoints, their parameters,
 bodies, responses, error shapes, headers and security schemes), its bytes as served at
 `/openapi.json`, and the bytes of `static/docs.html`. Both are built once and cached. Nothing
-here looks at handlers at run time: `tests/test_openapi.py` compares this document with the
-router, so the two cannot drift apart. A leaf: it imports no other `dataproc` module.
+here looks at handlers at run time: `tests/unit/test_openapi.py` compares this document with
+the router, so the two cannot drift apart. Its numbers and patterns (username, password, limit,
+skip, count, cursor) are read from `rules`, which the handlers enforce. Near a leaf: it
+imports only `rules` and the package's version.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from . import __version__
+from . import __version__, rules
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
-SECURED = [{"bearerAuth": []}, {"OAuth2PasswordBearer": []}]
+SECURED: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"OAuth2PasswordBearer": []}]
 
 
 def _ref(kind: str, name: str) -> dict:
@@ -28,6 +30,10 @@ def _ref(kind: str, name: str) -> dict:
 
 def _schema(name: str) -> dict:
     return _ref("schemas", name)
+
+
+def _integer(bounds: rules.Range, **default: int) -> dict:
+    return {"type": "integer", "minimum": bounds.low, "maximum": bounds.high, **default}
 
 
 # --- components -----------------------------------------------------------------------------
@@ -62,15 +68,17 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "username": {
                 "type": "string",
-                "minLength": 3,
-                "maxLength": 64,
-                "pattern": "^[A-Za-z0-9._@-]{3,64}$",
+                "minLength": rules.USERNAME_MIN,
+                "maxLength": rules.USERNAME_MAX,
+                "pattern": f"^{rules.USERNAME_PATTERN}$",
+                "description": rules.USERNAME_RULE + ".",
             },
             "password": {
                 "type": "string",
                 "minLength": 1,
-                "description": "8 to 72 bytes of UTF-8 for a new account (the minimum is "
-                "DATAPROC_PASSWORD_MIN_BYTES).",
+                "description": f"{rules.DEFAULT_PASSWORD_MIN_BYTES} to "
+                f"{rules.MAX_PASSWORD_BYTES} bytes of UTF-8 for a new account (the minimum "
+                "is DATAPROC_PASSWORD_MIN_BYTES).",
             },
         },
     },
@@ -147,6 +155,47 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "SummaryBucket": {
+        "type": "object",
+        "required": ["time", "count", "valid", "min", "max", "mean"],
+        "properties": {
+            "time": {
+                "type": "string",
+                "format": "date-time",
+                "description": "The bucket's start: a whole multiple of its size since "
+                "1970-01-01T00:00:00Z.",
+            },
+            "count": {"type": "integer", "minimum": 1, "description": "Visible points in it."},
+            "valid": {"type": "integer", "minimum": 0, "description": "Of them, the valid ones."},
+            "min": {"type": ["number", "null"], "description": "Over finite values; null: none."},
+            "max": {"type": ["number", "null"], "description": "Over finite values; null: none."},
+            "mean": {"type": ["number", "null"], "description": "Over finite values; null: none."},
+        },
+    },
+    "Summary": {
+        "type": "object",
+        "required": ["start", "end", "bucket", "bucket_s", "buckets"],
+        "properties": {
+            "start": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "The window as used: as given, else the first visible point's "
+                "time (null when there is none).",
+            },
+            "end": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "As given, else the last visible point's time.",
+            },
+            "bucket": {"type": "string", "examples": ["1h"], "description": "The size used."},
+            "bucket_s": {"type": "integer", "minimum": 1, "maximum": 2678400},
+            "buckets": {
+                "type": "array",
+                "items": _schema("SummaryBucket"),
+                "description": "Only non-empty buckets, in time order.",
+            },
+        },
+    },
     "Status": {
         "type": "object",
         "required": ["status"],
@@ -155,6 +204,16 @@ SCHEMAS: dict[str, Any] = {
 }
 
 HEADERS: dict[str, Any] = {
+    "ETag": {
+        "description": "A strong tag of this answer for this caller; it changes whenever the "
+        "answer would (a point stored in the window, a change of the caller's role).",
+        "schema": {"type": "string"},
+    },
+    "Cache-Control": {
+        "description": "`private, no-cache`: per caller, revalidate with `If-None-Match`.",
+        "schema": {"type": "string"},
+    },
+    "Vary": {"description": "`Authorization, Accept-Encoding`.", "schema": {"type": "string"}},
     "X-Request-ID": {
         "description": "The request's id (the client's when sane, else generated); "
         "the access log line carries the same.",
@@ -175,9 +234,21 @@ HEADERS: dict[str, Any] = {
         "schema": {"type": "string"},
     },
     "Location": {"description": "Where the resource is.", "schema": {"type": "string"}},
+    "Content-Disposition": {
+        "description": 'An attachment: `attachment; filename="data_points.csv"` (or `.ndjson`).',
+        "schema": {"type": "string"},
+    },
 }
 
 PARAMETERS: dict[str, Any] = {
+    "IfNoneMatch": {
+        "name": "If-None-Match",
+        "in": "header",
+        "required": False,
+        "description": "An `ETag` of an earlier answer (a list, weak `W/` tags, or `*`): "
+        "304 with no body while it still holds.",
+        "schema": {"type": "string"},
+    },
     "RequestId": {
         "name": "X-Request-ID",
         "in": "header",
@@ -208,28 +279,47 @@ PARAMETERS: dict[str, Any] = {
         "in": "query",
         "required": False,
         "description": "Rows to skip.",
-        "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000, "default": 0},
+        "schema": _integer(rules.SKIP, default=rules.DEFAULT_SKIP),
     },
     "limit": {
         "name": "limit",
         "in": "query",
         "required": False,
         "description": "Rows per page.",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+        "schema": _integer(rules.LIMIT, default=rules.DEFAULT_LIMIT),
     },
     "after": {
         "name": "after",
         "in": "query",
         "required": False,
         "description": "A keyset cursor, as found in the `Link` header of the previous page.",
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "schema": {"type": "string", "pattern": f"^{rules.CURSOR_PATTERN}$"},
+    },
+    "format": {
+        "name": "format",
+        "in": "query",
+        "required": False,
+        "description": "`csv` or `ndjson`; without it the `Accept` header chooses "
+        "(`text/csv`, `application/x-ndjson`), else NDJSON.",
+        "schema": {"type": "string", "enum": ["csv", "ndjson"]},
+    },
+    "bucket": {
+        "name": "bucket",
+        "in": "query",
+        "required": False,
+        "description": "Bucket size: an integer with `s`, `m`, `h` or `d` (`30s`, `5m`, `1h`, "
+        "`1d`) or integer seconds, from 1 s to 31 d. Default: the smallest of 1s 5s 10s 30s 1m "
+        "5m 10m 30m 1h 3h 6h 12h 1d 7d giving at most 500 buckets. More than 10,000 buckets in "
+        "the window: 422.",
+        "schema": {"type": "string", "pattern": "^[0-9]{1,8}[smhd]?$"},
+        "example": "1h",
     },
     "count": {
         "name": "count",
         "in": "query",
         "required": False,
         "description": "Fetch this many points in one call; the answer is then a batch.",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        "schema": _integer(rules.COUNT),
     },
 }
 
@@ -260,6 +350,19 @@ def _json(description: str, schema: dict, *headers: str) -> dict:
         "description": description,
         "headers": _headers(*headers),
         "content": {JSON: {"schema": schema}},
+    }
+
+
+CONDITIONAL = ("ETag", "Cache-Control", "Vary")
+
+
+def _not_modified() -> dict:
+    """The 304 of a conditional read: the validators, no body (RFC 9110 §15.4.5)."""
+    return {
+        "304": {
+            "description": "Not Modified: `If-None-Match` holds the current tag.",
+            "headers": _headers(*CONDITIONAL),
+        }
     }
 
 
@@ -326,7 +429,7 @@ BODY_ERRORS = (400, 413, 415, 422)
 
 
 def _paths() -> dict[str, Any]:
-    populate = dict(
+    populate: dict[str, Any] = dict(
         params=("count",),
         security=SECURED,
         responses=_responses(
@@ -404,14 +507,73 @@ def _paths() -> dict[str, Any]:
                             "A page of points.",
                             {"type": "array", "items": _schema("DataPoint")},
                             "Link",
-                        )
+                            *CONDITIONAL,
+                        ),
+                        **_not_modified(),
                     },
                     400,
                     401,
                     422,
                     503,
                 ),
-                params=("start", "end", "skip", "limit", "after"),
+                params=("start", "end", "skip", "limit", "after", "IfNoneMatch"),
+                security=SECURED,
+            )
+        },
+        "/api/data/summary": {
+            "get": _operation(
+                "summary",
+                "data",
+                "Summarise data points in time buckets",
+                "The points the caller can see (admins: all, others: valid ones) in buckets "
+                "aligned to the Unix epoch: per non-empty bucket its `count`, `valid`, and `min`, "
+                "`max`, `mean` over finite values. The counts agree exactly with `/api/data` for "
+                "the same window and caller. Served from per-minute and per-hour rollups kept by "
+                "the database in every writer's transaction; only buckets under a minute and the "
+                "partial minutes at the window's edges read raw rows.",
+                _responses(
+                    {
+                        "200": _json("The buckets.", _schema("Summary"), *CONDITIONAL),
+                        **_not_modified(),
+                    },
+                    400,
+                    401,
+                    422,
+                    503,
+                ),
+                params=("start", "end", "bucket", "IfNoneMatch"),
+                security=SECURED,
+            )
+        },
+        "/api/data/export": {
+            "get": _operation(
+                "export",
+                "data",
+                "Export every point of a window",
+                "Every point the caller can see in `start`..`end`, ordered by time then id, with "
+                "no limit, streamed (`Transfer-Encoding: chunked`; on HTTP/1.0 the body ends with "
+                "the connection). CSV is RFC 4180 with CRLF line ends and the header "
+                "`id,time,value,valid,tags`; NDJSON is one point object per line, as `/api/data` "
+                "shows it. A failure after the first byte ends the transfer without its last "
+                "chunk: a truncated transfer, never a file that looks complete. At most "
+                "`DATAPROC_MAX_EXPORTS` run at once per process; past it a 503 with `Retry-After`.",
+                _responses(
+                    {
+                        "200": {
+                            "description": "The points, streamed as an attachment.",
+                            "headers": _headers("Content-Disposition"),
+                            "content": {
+                                "text/csv; charset=utf-8": {"schema": {"type": "string"}},
+                                "application/x-ndjson": {"schema": {"type": "string"}},
+                            },
+                        }
+                    },
+                    400,
+                    401,
+                    422,
+                    503,
+                ),
+                params=("start", "end", "format"),
                 security=SECURED,
             )
         },
@@ -499,13 +661,32 @@ def _paths() -> dict[str, Any]:
                 security=[],
             )
         },
+        "/view": {
+            "get": _operation(
+                "view",
+                "service",
+                "Chart page",
+                "A self-contained page (no external requests): log in, pick a window or drag "
+                "to zoom, see the mean line and min-max band from the summary, the raw points "
+                "when the window holds 2,000 or fewer, the latest points as a table; "
+                "auto-refresh and CSV/NDJSON downloads.",
+                {
+                    "200": {
+                        "description": "The page.",
+                        "headers": _headers(),
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+                security=[],
+            )
+        },
         "/": {
             "get": _operation(
                 "root",
                 "service",
-                "Redirect to /docs",
-                "Sends browsers to the documentation.",
-                {"307": {"description": "To /docs.", "headers": _headers("Location")}},
+                "Redirect to /view",
+                "Sends browsers to the chart page.",
+                {"307": {"description": "To /view.", "headers": _headers("Location")}},
                 security=[],
             )
         },
