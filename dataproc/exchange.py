@@ -82,8 +82,9 @@ class Exchange:
         """Serve the requests whose heads are buffered (pipelining), and the next ones that
         are already waiting on the socket, then hand back. A next request is read here only
         while no other channel waits for a worker, and at most `TURN_READS` times, so a busy
-        connection cannot hold a worker while others queue (their p99 would pay); a head
-        already in the buffer is always served (the loop only hears of bytes in the socket)."""
+        connection cannot hold a worker while others queue (their p99 would pay), and not
+        while draining; a head already in the buffer is always served (the loop only hears
+        of bytes in the socket)."""
         reads = TURN_READS
         try:
             while True:
@@ -92,7 +93,9 @@ class Exchange:
                     return after
                 if protocol.head_end(channel.buffer) >= 0:
                     continue
-                if not reads or self._others_waiting() or not self._read_waiting(channel):
+                if not reads or self._others_waiting() or self._draining():
+                    return after  # parked: the loop (or the drain) takes it from here
+                if not self._read_waiting(channel):
                     return after
                 reads -= 1
         except (ConnectionError, TimeoutError, _ClientGone):
