@@ -188,9 +188,11 @@ CREATE TABLE IF NOT EXISTS dataproc_state (
 -- The original's default admin (password 'admin'), seeded once per database and only when it
 -- has no admin yet (the original's init.sql made one already): an operator who later deletes
 -- or renames it does not get it back. The service warns while the password is unchanged.
-WITH first_time AS (
-  INSERT INTO dataproc_state (key) VALUES ('default_admin') ON CONFLICT DO NOTHING RETURNING key)
+-- Two plain statements rather than one writable CTE (Citus refuses those in a schema): both
+-- run in this one transaction, under the schema lock, so the pair is still done exactly once.
 INSERT INTO users (id, username, hashed_password, role)
 SELECT 0, 'admin', '$2b$12$a/pMatsPyWuHa5KdqatsFOLZgPYjPZU4If4//jeretXqZ.ujoYFJG', 'admin'
-WHERE EXISTS (SELECT 1 FROM first_time) AND NOT EXISTS (SELECT 1 FROM users WHERE role = 'admin')
+WHERE NOT EXISTS (SELECT 1 FROM dataproc_state WHERE key = 'default_admin')
+  AND NOT EXISTS (SELECT 1 FROM users WHERE role = 'admin')
 ON CONFLICT DO NOTHING;
+INSERT INTO dataproc_state (key) VALUES ('default_admin') ON CONFLICT DO NOTHING;
