@@ -6,7 +6,7 @@ Importing the package does no work: the public names for embedding (`Config`, `f
 
 from __future__ import annotations
 
-__version__ = "1.0.0"
+__version__ = "1.0.0"  # the one place: pyproject.toml reads it (dynamic version)
 __all__ = ["Config", "Service", "__version__", "create_app", "from_env"]
 
 _LAZY = {

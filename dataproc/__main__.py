@@ -3,7 +3,9 @@ migrate-partitions|prune]`.
 
 Owns: parsing arguments, building the `Config` from the environment and `.env`, running one
 command, shutting down on SIGTERM/SIGINT, and turning expected failures into one line on
-stderr with a non-zero exit (never a traceback). Leaves the wiring to `runtime`.
+stderr with a non-zero exit (never a traceback). Leaves "nothing configured" to `zeroconf`
+(every command resolves its `Config` there, and closes what that started) and the wiring to
+`runtime`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ import signal
 import sys
 import threading
 
-from . import __version__, logs
-from .config import Config, ConfigError, from_env
+from . import __version__, logs, rules
+from .config import SETTINGS, Config, ConfigError, from_env, read_setting
+from .upstream import simulated  # stdlib only: its default port is the `source` command's
 
 log = logging.getLogger("dataproc.main")
+
+
+# `serve --host/--port/--workers` override these settings.
+OVERRIDES = ("host", "port", "workers")
+_SETTING = {entry.field: entry for entry in SETTINGS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,21 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dataproc {__version__}")
     commands = parser.add_subparsers(dest="command")
     serve = commands.add_parser("serve", help="run the service (the default command)")
-    serve.add_argument("--host", help="listen address (DATAPROC_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (DATAPROC_PORT, default 8080)")
-    serve.add_argument(
-        "--workers", type=int, help="pre-forked processes (DATAPROC_WORKERS, default 1)"
-    )
+    for name in OVERRIDES:  # each one a setting: its help, variable and default from the schema
+        entry = _SETTING[name]
+        serve.add_argument(
+            f"--{name}", help=f"{entry.help} ({entry.variable}, default {entry.readme_default})"
+        )
     source = commands.add_parser("source", help="run the simulated upstream")
     source.add_argument("--host", default="127.0.0.1")
-    source.add_argument("--port", type=int, default=28462)
+    source.add_argument("--port", type=int, default=simulated.DEFAULT_PORT)
     source.add_argument("--seed", type=int)
     commands.add_parser("init-db", help="apply schema.sql to the database (idempotent)")
     user = commands.add_parser("create-user", help="create a user or reset its password")
     user.add_argument("name")
     user.add_argument("--admin", action="store_true", help="give the user the admin role")
     populate = commands.add_parser("populate", help="one ingestion run")
-    populate.add_argument("--count", type=int, default=1, help="points to fetch (1..100)")
+    populate.add_argument(
+        "--count",
+        type=int,
+        default=1,
+        help=f"points to fetch ({rules.COUNT.low}..{rules.COUNT.high})",
+    )
     migrate = commands.add_parser(
         "migrate-partitions", help="convert a plain data_points to DATAPROC_PARTITION partitions"
     )
@@ -54,17 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    """The configuration from the environment and `.env`, with command-line overrides."""
+    """The configuration from the environment and `.env`, with command-line overrides (each
+    read by its setting's own parser, so `--port` and DATAPROC_PORT accept the same values)."""
     config = from_env(os.environ)
-    overrides = {
-        name: getattr(args, name)
-        for name in ("host", "port", "workers")
-        if getattr(args, name, None) is not None
-    }
-    if overrides.get("port") is not None and not 0 <= overrides["port"] <= 65535:
-        raise ConfigError(f"--port: must be between 0 and 65535, got {overrides['port']}")
-    if overrides.get("workers") is not None and not 1 <= overrides["workers"] <= 64:
-        raise ConfigError(f"--workers: must be between 1 and 64, got {overrides['workers']}")
+    overrides = {}
+    for name in OVERRIDES:
+        text = getattr(args, name, None)
+        if text is not None:
+            try:
+                overrides[name] = read_setting(name, text)
+            except ValueError as error:
+                raise ConfigError(f"--{name}: {error}") from None
     return config.replace(**overrides)
 
 
@@ -95,18 +108,16 @@ def wait_for_signal() -> None:
 
 def cmd_source(args: argparse.Namespace, config: Config | None) -> int:
     """Run the simulated upstream."""
-    from .upstream import simulated
-
     argv = ["--host", args.host, "--port", str(args.port)]
     return simulated.main(argv + (["--seed", str(args.seed)] if args.seed is not None else []))
 
 
 def cmd_init_db(args: argparse.Namespace, config: Config) -> int:
     """Apply schema.sql."""
-    from . import runtime
+    from . import runtime, zeroconf
 
-    config, database = runtime.open_database(config, serving=False)
-    runtime.connect(config, database, max_size=1).close()
+    with zeroconf.resolve(config, serving=False, upstream=False) as resolved:
+        runtime.connect(resolved.config, max_size=1).close()
     print("schema applied")
     return 0
 
@@ -123,46 +134,43 @@ def read_new_password() -> str:
 
 def cmd_create_user(args: argparse.Namespace, config: Config) -> int:
     """Create a user or reset its password (and role)."""
-    from . import api, passwords, runtime, store
+    from . import passwords, runtime, store, zeroconf
 
-    if not api.USERNAME.fullmatch(args.name):
-        raise ConfigError("NAME: 3 to 64 characters from A-Z a-z 0-9 . _ @ -")
+    if not rules.USERNAME.fullmatch(args.name):
+        raise ConfigError(f"NAME: {rules.USERNAME_RULE}")
     password = read_new_password()
-    size = len(password.encode())
-    if not config.password_min_bytes <= size <= passwords.MAX_PASSWORD_BYTES:
-        raise ConfigError(f"password: must be {config.password_min_bytes} to 72 bytes of UTF-8")
-    config, database = runtime.open_database(config, serving=False)
-    pool = runtime.connect(config, database, max_size=1)
-    try:
-        role = "admin" if args.admin else "user"
-        created = store.upsert_user(
-            pool, args.name, passwords.hash_password(password, config.bcrypt_cost), role
-        )
-    finally:
-        pool.close()
+    if not rules.password_fits(password, config.password_min_bytes):
+        raise ConfigError(f"password: {rules.password_rule(config.password_min_bytes)}")
+    role = "admin" if args.admin else "user"
+    with zeroconf.resolve(config, serving=False, upstream=False) as resolved:
+        pool = runtime.connect(resolved.config, max_size=1)
+        try:
+            created = store.upsert_user(
+                pool, args.name, passwords.hash_password(password, config.bcrypt_cost), role
+            )
+        finally:
+            pool.close()
     print(f"{'created' if created else 'updated'} {role} {args.name}")
     return 0
 
 
 def cmd_populate(args: argparse.Namespace, config: Config) -> int:
     """One ingestion run; prints what was stored as JSON."""
-    from . import ingest, runtime
+    from . import ingest, runtime, zeroconf
 
-    if not 1 <= args.count <= 100:
-        raise ConfigError(f"--count: must be between 1 and 100, got {args.count}")
-    config, database = runtime.open_database(config, serving=False)
-    pool = runtime.connect(config, database, max_size=1)
-    upstream, url = None, config.upstream_url
-    if url is None and database.embedded is not None:
-        upstream, url = runtime.start_simulated_upstream()
-    try:
-        batch = ingest.Ingestor(config, pool, url).batch(args.count)
-    except ingest.IngestFailure as failure:
-        raise ConfigError(f"populate: {failure.reason}") from None
-    finally:
-        pool.close()
-        if upstream is not None:
-            upstream.shutdown()
+    if args.count not in rules.COUNT:
+        raise ConfigError(
+            f"--count: must be between {rules.COUNT.low} and {rules.COUNT.high}, got {args.count}"
+        )
+    with zeroconf.resolve(config, serving=False) as resolved:
+        config = resolved.config
+        pool = runtime.connect(config, max_size=1)
+        try:
+            batch = ingest.Ingestor(config, pool, config.upstream_url).batch(args.count)
+        except ingest.IngestFailure as failure:
+            raise ConfigError(f"populate: {failure.reason}") from None
+        finally:
+            pool.close()
     print(
         json.dumps(
             {
@@ -177,7 +185,7 @@ def cmd_populate(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_migrate_partitions(args: argparse.Namespace, config: Config) -> int:
     """Convert a plain data_points to the partitioned layout (resumable); prints the outcome."""
-    from . import runtime, store
+    from . import runtime, store, zeroconf
     from .progress import Progress
     from .store import migration
 
@@ -185,19 +193,19 @@ def cmd_migrate_partitions(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError("DATAPROC_PARTITION: set day, week or month for migrate-partitions")
     if not 1 <= args.batch <= 10_000_000:
         raise ConfigError(f"--batch: must be between 1 and 10000000, got {args.batch}")
-    config, database = runtime.open_database(config, serving=False)
-    pool = runtime.connect(config, database, max_size=1)
     progress = Progress("migrate-partitions")
-    try:
-        with store.connection(pool) as conn:
-            done = migration.migrate(
-                conn, config.partition, batch=args.batch, on_batch=progress.update
-            )
-    except migration.MigrationError as error:
-        raise ConfigError(f"migrate-partitions: {error}") from None
-    finally:
-        progress.finish()
-        pool.close()
+    with zeroconf.resolve(config, serving=False) as resolved:
+        pool = runtime.connect(resolved.config, max_size=1)
+        try:
+            with store.connection(pool) as conn:
+                done = migration.migrate(
+                    conn, config.partition, batch=args.batch, on_batch=progress.update
+                )
+        except migration.MigrationError as error:
+            raise ConfigError(f"migrate-partitions: {error}") from None
+        finally:
+            progress.finish()
+            pool.close()
     state = "converted to" if done.swapped else "already"
     print(f"data_points {state} {config.partition} partitions: {done.rows} rows")
     return 0
@@ -205,7 +213,7 @@ def cmd_migrate_partitions(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_prune(args: argparse.Namespace, config: Config) -> int:
     """Apply DATAPROC_RETENTION once; prints what was removed."""
-    from . import runtime, store
+    from . import runtime, store, zeroconf
     from .progress import Progress
     from .store import partitions
 
@@ -214,20 +222,20 @@ def cmd_prune(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError("DATAPROC_RETENTION: not set (e.g. 90d), so there is nothing to prune")
     if not 1 <= args.batch <= 1_000_000:
         raise ConfigError(f"--batch: must be between 1 and 1000000, got {args.batch}")
-    config, database = runtime.open_database(config, serving=False)
-    pool = runtime.connect(config, database, max_size=1)
     progress = Progress("prune")
-    try:
-        with store.connection(pool) as conn:
-            pruned = partitions.prune(
-                conn,
-                keep_s,
-                batch=args.batch,
-                on_batch=lambda _k, d, t: progress.update(d, t),
-            )
-    finally:
-        progress.finish()
-        pool.close()
+    with zeroconf.resolve(config, serving=False) as resolved:
+        pool = runtime.connect(resolved.config, max_size=1)
+        try:
+            with store.connection(pool) as conn:
+                pruned = partitions.prune(
+                    conn,
+                    keep_s,
+                    batch=args.batch,
+                    on_batch=lambda _k, d, t: progress.update(d, t),
+                )
+        finally:
+            progress.finish()
+            pool.close()
     print(
         json.dumps(
             {
@@ -256,10 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; expected failures print one line and return a non-zero status."""
     args = build_parser().parse_args(argv)
     args.command = args.command or "serve"
-    for name in ("host", "port", "workers"):
+    for name in OVERRIDES:
         setattr(args, name, getattr(args, name, None))
-    from .runtime import StartupError
     from .store import DatabaseUnavailable
+    from .zeroconf import StartupError
 
     try:
         if args.command == "source":

@@ -2,15 +2,15 @@
 
 Owns: the access/refresh token pair (claims of API.md: sub, role, type, iat, exp, jti), the
 checks on an `Authorization` header, the bound on concurrent bcrypt checks and the throttle on
-repeated login failures. Leaves the HS256 mechanics to `jwt`, bcrypt to `passwords`, and every
-SQL statement to `store`.
+repeated login failures. Every function that decides by the time takes `now` (the handlers
+pass `ctx.clock()`, the one clock); nothing here reads the system clock. Leaves the HS256
+mechanics to `jwt`, bcrypt to `passwords`, and every SQL statement to `store`.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -40,7 +40,7 @@ def issue_tokens(config: Config, username: str, role: str, now: float) -> dict:
     """A new access/refresh pair, as the login and refresh endpoints return it."""
     issued = int(now)
 
-    def token(kind: str, ttl_s: int, key: str) -> str:
+    def token(kind: str, ttl_s: int) -> str:
         claims = {
             "sub": username,
             "role": role,
@@ -49,21 +49,29 @@ def issue_tokens(config: Config, username: str, role: str, now: float) -> dict:
             "exp": issued + ttl_s,
             "jti": secrets.token_urlsafe(12),
         }
-        return jwt.encode(claims, key)
+        return jwt.encode(claims, signing_key(config, kind))
 
     return {
-        "access_token": token(ACCESS, config.access_ttl_s, config.jwt_secret_key),
-        "refresh_token": token(REFRESH, config.refresh_ttl_s, config.jwt_refresh_secret_key),
+        "access_token": token(ACCESS, config.access_ttl_s),
+        "refresh_token": token(REFRESH, config.refresh_ttl_s),
         "token_type": "bearer",
         "expires_in": config.access_ttl_s,
     }
 
 
+def signing_key(config: Config, kind: str) -> str:
+    """The key of `kind` tokens. `zeroconf.resolve` never serves without both; a `Config`
+    handed to `create_app` unresolved gets a 503, not a token signed with nothing."""
+    key = config.jwt_secret_key if kind == ACCESS else config.jwt_refresh_secret_key
+    if not key:
+        raise ApiError(503, "no signing keys configured")
+    return key
+
+
 def token_subject(config: Config, token: str, kind: str, now: float) -> str:
     """The username a token names, if it verifies and has the right type (no database)."""
-    key = config.jwt_secret_key if kind == ACCESS else config.jwt_refresh_secret_key
     try:
-        claims = jwt.decode(token, key, now=now, leeway=5, expected_type=kind)
+        claims = jwt.decode(token, signing_key(config, kind), now=now, leeway=5, expected_type=kind)
     except jwt.InvalidToken as error:
         raise Unauthorized(f"invalid token: {error.reason}", token_sent=True) from None
     username = claims.get("sub")
@@ -101,14 +109,15 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def access_token_subject(request: Request, config: Config) -> str:
-    """The username of a request's valid access token; the caller checks the user exists."""
-    return token_subject(config, bearer_token(request), ACCESS, time.time())
+def access_token_subject(request: Request, config: Config, now: float) -> str:
+    """The username of a request's valid access token at `now`; the caller checks the user
+    exists."""
+    return token_subject(config, bearer_token(request), ACCESS, now)
 
 
-def current_caller(request: Request, config: Config, pool: ConnectionPool) -> Caller:
-    """The caller of a request carrying a valid access token."""
-    return verify_token(config, pool, bearer_token(request), ACCESS, time.time())
+def current_caller(request: Request, config: Config, pool: ConnectionPool, now: float) -> Caller:
+    """The caller of a request carrying an access token valid at `now`."""
+    return verify_token(config, pool, bearer_token(request), ACCESS, now)
 
 
 class LoginThrottle:

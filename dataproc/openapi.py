@@ -3,8 +3,10 @@
 Owns: `document()` (every route of `api.ROUTES` and the service endpoints, their parameters,
 bodies, responses, error shapes, headers and security schemes), its bytes as served at
 `/openapi.json`, and the bytes of `static/docs.html`. Both are built once and cached. Nothing
-here looks at handlers at run time: `tests/test_openapi.py` compares this document with the
-router, so the two cannot drift apart. A leaf: it imports no other `dataproc` module.
+here looks at handlers at run time: `tests/unit/test_openapi.py` compares this document with
+the router, so the two cannot drift apart. Its numbers and patterns (username, password, limit,
+skip, count, cursor) are read from `rules`, which the handlers enforce. Near a leaf: it
+imports only `rules` and the package's version.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from . import __version__
+from . import __version__, rules
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
-SECURED = [{"bearerAuth": []}, {"OAuth2PasswordBearer": []}]
+SECURED: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"OAuth2PasswordBearer": []}]
 
 
 def _ref(kind: str, name: str) -> dict:
@@ -28,6 +30,10 @@ def _ref(kind: str, name: str) -> dict:
 
 def _schema(name: str) -> dict:
     return _ref("schemas", name)
+
+
+def _integer(bounds: rules.Range, **default: int) -> dict:
+    return {"type": "integer", "minimum": bounds.low, "maximum": bounds.high, **default}
 
 
 # --- components -----------------------------------------------------------------------------
@@ -62,15 +68,17 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "username": {
                 "type": "string",
-                "minLength": 3,
-                "maxLength": 64,
-                "pattern": "^[A-Za-z0-9._@-]{3,64}$",
+                "minLength": rules.USERNAME_MIN,
+                "maxLength": rules.USERNAME_MAX,
+                "pattern": f"^{rules.USERNAME_PATTERN}$",
+                "description": rules.USERNAME_RULE + ".",
             },
             "password": {
                 "type": "string",
                 "minLength": 1,
-                "description": "8 to 72 bytes of UTF-8 for a new account (the minimum is "
-                "DATAPROC_PASSWORD_MIN_BYTES).",
+                "description": f"{rules.DEFAULT_PASSWORD_MIN_BYTES} to "
+                f"{rules.MAX_PASSWORD_BYTES} bytes of UTF-8 for a new account (the minimum "
+                "is DATAPROC_PASSWORD_MIN_BYTES).",
             },
         },
     },
@@ -175,6 +183,10 @@ HEADERS: dict[str, Any] = {
         "schema": {"type": "string"},
     },
     "Location": {"description": "Where the resource is.", "schema": {"type": "string"}},
+    "Content-Disposition": {
+        "description": 'An attachment: `attachment; filename="data_points.csv"` (or `.ndjson`).',
+        "schema": {"type": "string"},
+    },
 }
 
 PARAMETERS: dict[str, Any] = {
@@ -208,28 +220,36 @@ PARAMETERS: dict[str, Any] = {
         "in": "query",
         "required": False,
         "description": "Rows to skip.",
-        "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000, "default": 0},
+        "schema": _integer(rules.SKIP, default=rules.DEFAULT_SKIP),
     },
     "limit": {
         "name": "limit",
         "in": "query",
         "required": False,
         "description": "Rows per page.",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+        "schema": _integer(rules.LIMIT, default=rules.DEFAULT_LIMIT),
     },
     "after": {
         "name": "after",
         "in": "query",
         "required": False,
         "description": "A keyset cursor, as found in the `Link` header of the previous page.",
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "schema": {"type": "string", "pattern": f"^{rules.CURSOR_PATTERN}$"},
+    },
+    "format": {
+        "name": "format",
+        "in": "query",
+        "required": False,
+        "description": "`csv` or `ndjson`; without it the `Accept` header chooses "
+        "(`text/csv`, `application/x-ndjson`), else NDJSON.",
+        "schema": {"type": "string", "enum": ["csv", "ndjson"]},
     },
     "count": {
         "name": "count",
         "in": "query",
         "required": False,
         "description": "Fetch this many points in one call; the answer is then a batch.",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        "schema": _integer(rules.COUNT),
     },
 }
 
@@ -326,7 +346,7 @@ BODY_ERRORS = (400, 413, 415, 422)
 
 
 def _paths() -> dict[str, Any]:
-    populate = dict(
+    populate: dict[str, Any] = dict(
         params=("count",),
         security=SECURED,
         responses=_responses(
@@ -412,6 +432,38 @@ def _paths() -> dict[str, Any]:
                     503,
                 ),
                 params=("start", "end", "skip", "limit", "after"),
+                security=SECURED,
+            )
+        },
+        "/api/data/export": {
+            "get": _operation(
+                "export",
+                "data",
+                "Export every point of a window",
+                "Every point the caller can see in `start`..`end`, ordered by time then id, with "
+                "no limit, streamed (`Transfer-Encoding: chunked`; on HTTP/1.0 the body ends with "
+                "the connection). CSV is RFC 4180 with CRLF line ends and the header "
+                "`id,time,value,valid,tags`; NDJSON is one point object per line, as `/api/data` "
+                "shows it. A failure after the first byte ends the transfer without its last "
+                "chunk: a truncated transfer, never a file that looks complete. At most "
+                "`DATAPROC_MAX_EXPORTS` run at once per process; past it a 503 with `Retry-After`.",
+                _responses(
+                    {
+                        "200": {
+                            "description": "The points, streamed as an attachment.",
+                            "headers": _headers("Content-Disposition"),
+                            "content": {
+                                "text/csv; charset=utf-8": {"schema": {"type": "string"}},
+                                "application/x-ndjson": {"schema": {"type": "string"}},
+                            },
+                        }
+                    },
+                    400,
+                    401,
+                    422,
+                    503,
+                ),
+                params=("start", "end", "format"),
                 security=SECURED,
             )
         },

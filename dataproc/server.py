@@ -51,7 +51,6 @@ from .web import Request, Response, error_response
 log = logging.getLogger("dataproc.server")
 access_log = logging.getLogger("dataproc.access")
 
-SERVER_NAME = protocol.SERVER_NAME
 LINGER_S = 1.0  # at most this long (and LINGER_MAX_BYTES) reading a refused request's rest
 LINGER_MAX_BYTES = 1 << 20
 RECV_BYTES = 65536
@@ -87,6 +86,69 @@ class Channel:
         self.counted = counted  # holds one of the `max_connections` slots
 
 
+class _Poller:
+    """Readiness of sockets for the loop. Parked sockets are one-shot: a socket that turns
+    readable is disarmed (by the kernel with epoll's EPOLLONESHOT, else here) and re-armed
+    by one call when its channel is parked again, from any thread (epoll and kqueue take a
+    registration during a wait; on other platforms it is seen within `SWEEP_S`)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._selector = None if self._epoll else selectors.DefaultSelector()
+        self._persistent: set[int] = set()
+
+    def watch(self, fd: int) -> None:
+        """Report `fd` every time it is readable (the listening socket, the wake pipe)."""
+        self._persistent.add(fd)
+        if self._epoll is not None:
+            self._epoll.register(fd, select.EPOLLIN)
+        else:
+            assert self._selector is not None
+            self._selector.register(fd, selectors.EVENT_READ)
+
+    def unwatch(self, fd: int) -> None:
+        self._persistent.discard(fd)
+        self.disarm(fd)
+
+    def arm(self, fd: int) -> None:
+        """Report `fd` once, the next time it is readable."""
+        if self._epoll is not None:
+            try:
+                self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            except FileNotFoundError:  # not registered yet (or closed and reused)
+                self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        else:
+            assert self._selector is not None
+            self._selector.register(fd, selectors.EVENT_READ)
+
+    def disarm(self, fd: int) -> None:
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:
+                assert self._selector is not None
+                self._selector.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass  # not armed, or already closed
+
+    def ready(self, timeout: float) -> list[int]:
+        """The readable file descriptors, waiting at most `timeout` seconds."""
+        if self._epoll is not None:
+            return [fd for fd, _ in self._epoll.poll(timeout)]
+        assert self._selector is not None
+        fds = [int(key.fd) for key, _ in self._selector.select(timeout)]
+        for fd in fds:
+            if fd not in self._persistent:
+                self.disarm(fd)
+        return fds
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+        elif self._selector is not None:
+            self._selector.close()
+
+
 class HttpServer:
     """At most `max_connections` connections, parked by one loop, served by a thread pool."""
 
@@ -106,10 +168,10 @@ class HttpServer:
         self.socket.setblocking(False)  # workers sharing it get EAGAIN, never block in accept
         self.server_address = self.socket.getsockname()
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-        # The loop waits in the selector; workers put a channel back into it directly (epoll
-        # and kqueue take a registration from another thread during a wait), under `_lock`.
-        self._selector = selectors.DefaultSelector()
-        self._parked: dict[socket.socket, Channel] = {}
+        # The loop waits in the poller; workers put a channel back into it directly, under
+        # `_lock` (which also guards `_parked`: file descriptor -> the channel waiting on it).
+        self._poller = _Poller()
+        self._parked: dict[int, Channel] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -136,28 +198,29 @@ class HttpServer:
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept and park connections until `shutdown()`; workers serve complete requests."""
         self._stopped.clear()
-        self._selector.register(self.socket, selectors.EVENT_READ)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        listening, wake = self.socket.fileno(), self._wake_r.fileno()
+        self._poller.watch(listening)
+        self._poller.watch(wake)
         next_sweep = time.monotonic() + SWEEP_S
         try:
             while not self._stop:
                 timeout = min(poll_interval, SWEEP_S) if self._parked else poll_interval
-                for key, _ in self._selector.select(timeout):
-                    if key.fileobj is self.socket:
+                for fd in self._poller.ready(timeout):
+                    if fd == listening:
                         self._accept()
-                    elif key.fileobj is self._wake_r:
+                    elif fd == wake:
                         self._drain_wakeups()
                     else:
-                        self._readable(key.data)
+                        with self._lock:
+                            channel = self._parked.pop(fd, None)
+                        if channel is not None:  # else: expired or closed meanwhile
+                            self._readable(channel)
                 if (now := time.monotonic()) >= next_sweep:
                     self._expire(now)
                     next_sweep = now + SWEEP_S
         finally:
-            for fileobj in (self.socket, self._wake_r):
-                try:
-                    self._selector.unregister(fileobj)
-                except (KeyError, ValueError):
-                    pass
+            self._poller.unwatch(listening)
+            self._poller.unwatch(wake)
             self._stop = False
             self._stopped.set()
 
@@ -178,6 +241,7 @@ class HttpServer:
         for channel in parked:
             self._unpark(channel)
             self._close(channel)
+        self._poller.close()
         for _ in self._threads:
             self._tasks.put(None)  # each worker leaves after the request it is serving
 
@@ -242,45 +306,57 @@ class HttpServer:
         with self._lock:
             parked = not (self._closed or (self.draining and not channel.lingering))
             if parked:
+                fd = channel.sock.fileno()
                 try:
-                    self._selector.register(channel.sock, selectors.EVENT_READ, channel)
-                    self._parked[channel.sock] = channel
+                    self._parked[fd] = channel
+                    self._poller.arm(fd)
                 except (ValueError, OSError):  # the client's socket is already gone
+                    self._parked.pop(fd, None)
                     parked = False
         if not parked:
             self._close(channel)
 
     def _unpark(self, channel: Channel) -> None:
+        """Take a parked channel out of the poller (expiry, close); a no-op if not parked."""
         with self._lock:
-            if self._parked.pop(channel.sock, None) is not None:
-                try:
-                    self._selector.unregister(channel.sock)
-                except (KeyError, ValueError):
-                    pass
+            fd = channel.sock.fileno()
+            if fd >= 0 and self._parked.get(fd) is channel:
+                del self._parked[fd]
+                self._poller.disarm(fd)
 
     def _readable(self, channel: Channel) -> None:
+        """A parked channel turned readable (and is no longer parked): read what came."""
         try:
             data = channel.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
+            self._rearm(channel)
             return
         except OSError:
             data = b""
         if channel.lingering:
             channel.drained += len(data)
             if not data or channel.drained >= LINGER_MAX_BYTES:
-                self._unpark(channel)
                 self._close(channel)
+            else:
+                self._rearm(channel)
             return
         if not data:  # the client closed: between requests, or mid-head (nothing to answer)
-            self._unpark(channel)
             self._close(channel)
             return
         channel.buffer += data
         if protocol.head_end(channel.buffer) >= 0 or protocol.head_too_long(
             channel.buffer, self.config
         ):
-            self._unpark(channel)
             self._dispatch(channel)
+        else:
+            self._rearm(channel)
+
+    def _rearm(self, channel: Channel) -> None:
+        """Park again, keeping the deadline already running (a head still arriving)."""
+        with self._lock:
+            fd = channel.sock.fileno()
+            self._parked[fd] = channel
+            self._poller.arm(fd)
 
     def _expire(self, now: float) -> None:
         """Close silent connections; a half-sent head goes to a worker for its 408."""
@@ -642,7 +718,7 @@ def _encode(request: Request, response: Response) -> Response:
     if not use_gzip:
         return Response(response.status, response.body, headers, response.close, response.stream)
     if response.stream is not None:
-        stream = protocol.gzip_stream(response.stream)
+        stream = protocol.GzipStream(response.stream)
         return Response(response.status, b"", headers, response.close, stream)
     return Response(response.status, protocol.gzip_body(response.body), headers, response.close)
 

@@ -1,8 +1,9 @@
 """`serve --workers N`: N pre-forked service processes sharing one listening socket.
 
-Owns: the parent process (open the database once, bind once, fork, forward signals, restart a
-worker that dies, exit 0 after a clean stop) and the start of each worker. Leaves everything a
-worker does to `runtime.Service`. POSIX only (`os.fork`).
+Owns: the parent process (resolve the configuration once with `runtime.resolve_to_serve`,
+apply the schema, bind once, fork, forward signals, restart a worker that dies, exit 0 after
+a clean stop, then tear down what resolving started) and the start of each worker. Leaves everything a worker
+does to `runtime.Service`. POSIX only (`os.fork`).
 
 Why pre-fork: one CPython process serves on about one core; N processes use N. The kernel
 hands each new connection to one of the workers waiting on the shared socket. Workers keep
@@ -31,25 +32,22 @@ KILL_AFTER_S = 10.0  # past the drain grace, a worker that has not left is kille
 
 def serve_workers(config: Config) -> int:
     """Run `config.workers` worker processes until SIGTERM/SIGINT; 0 after a clean stop."""
-    config, database = runtime.open_database(config)  # an embedded server starts here, once
-    runtime.connect(config, database, max_size=1).close()  # the schema, before any worker
-    upstream = None
-    if config.upstream_url is None and database.embedded is not None:
-        upstream, url = runtime.start_simulated_upstream()
-        config = config.replace(upstream_url=url)
-    sock = listen(config)
-    log.info(
-        "dataproc parent %d: %d workers on http://%s:%d/",
-        os.getpid(),
-        config.workers,
-        *sock.getsockname()[:2],
-    )
-    try:
-        return Supervisor(config, database, sock).run()
-    finally:
-        sock.close()
-        if upstream is not None:
-            upstream.shutdown()
+    # Resolved here, once: an embedded server and the simulated upstream start in the parent,
+    # and every worker is handed the resolved `Config` (which resolves to itself).
+    with runtime.resolve_to_serve(config) as resolved:
+        config = resolved.config
+        runtime.connect(config, max_size=1).close()  # the schema, before any worker
+        sock = listen(config)
+        log.info(
+            "dataproc parent %d: %d workers on http://%s:%d/",
+            os.getpid(),
+            config.workers,
+            *sock.getsockname()[:2],
+        )
+        try:
+            return Supervisor(config, sock).run()
+        finally:
+            sock.close()
 
 
 def listen(config: Config) -> socket.socket:
@@ -74,8 +72,8 @@ def listen(config: Config) -> socket.socket:
 class Supervisor:
     """The parent: forks workers, restarts crashed ones (bounded), stops them on a signal."""
 
-    def __init__(self, config: Config, database: runtime.Database, sock: socket.socket):
-        self.config, self.database, self.sock = config, database, sock
+    def __init__(self, config: Config, sock: socket.socket):
+        self.config, self.sock = config, sock
         self.children: dict[int, float] = {}  # pid -> started at (monotonic)
         self.crashes: list[float] = []
         self.stopping = threading.Event()
@@ -116,7 +114,7 @@ class Supervisor:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            _worker(self.config, self.database, self.sock, old)  # never returns
+            _worker(self.config, self.sock, old)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.children[pid] = time.monotonic()
 
@@ -142,7 +140,7 @@ class Supervisor:
         return clean
 
 
-def _worker(config: Config, database: runtime.Database, sock: socket.socket, mask) -> None:
+def _worker(config: Config, sock: socket.socket, mask) -> None:
     """A worker's whole life. It leaves through `os._exit`: the atexit handlers inherited from
     the parent (the embedded PostgreSQL's stop among them) belong to the parent alone."""
     code = 1
@@ -151,7 +149,7 @@ def _worker(config: Config, database: runtime.Database, sock: socket.socket, mas
         for signum in STOP_SIGNALS:
             signal.signal(signum, lambda *_: stop.set())
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        service = runtime.Service(config, sock=sock, database=database).start()
+        service = runtime.Service(config, sock=sock).start()
         while not stop.wait(3600):
             pass
         service.stop()

@@ -10,18 +10,15 @@ statement to `store`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 from ..errors import ApiError
 from ..web import Request, Response, Router
-from . import accounts, data, ingestion, service
-from .accounts import USERNAME
+from . import accounts, data, export, ingestion, service
 from .context import Context
 from .params import decode_cursor, encode_cursor, parse_data_query
 
 __all__ = [
     "ROUTES",
-    "USERNAME",
     "Context",
     "build_router",
     "decode_cursor",
@@ -33,6 +30,7 @@ Handler = Callable[[Request, Context], Response]
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     *accounts.ROUTES,
     *data.ROUTES,
+    *export.ROUTES,
     *ingestion.ROUTES,
     *service.ROUTES,
 )
@@ -64,5 +62,14 @@ def build_router(ctx: Context) -> Router:
             continue  # switched off: /metrics does not exist (404)
         if path.startswith("/auth/"):
             handler = _never_cached(handler)
-        router.add(method, path, partial(handler, ctx=ctx))
+        router.add(method, path, _bound(handler, ctx))
     return router
+
+
+def _bound(handler: Handler, ctx: Context) -> Callable[[Request], Response]:
+    """`handler` with `ctx` filled in: what the router calls with a request."""
+
+    def serve(request: Request) -> Response:
+        return handler(request, ctx)
+
+    return serve

@@ -1,7 +1,9 @@
-"""What every handler is handed: the configuration, the pool, the upstream and the login guards."""
+"""What every handler is handed: the configuration (the upstream among it), the pool, the one
+clock every time decision reads, and the login guards."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,25 +17,32 @@ from ..metrics import Metrics
 
 @dataclass
 class Context:
-    """What handlers need: configuration, the pool, the upstream, and the login guards."""
+    """What handlers need: the resolved configuration (its `upstream_url` is the upstream), the
+    pool, the clock (tokens, throttling and ingestion all read this one, so a test can move
+    time), and the login guards."""
 
     config: Config
     pool: ConnectionPool
-    upstream_url: str | None
     clock: Callable[[], float] = time.time
     on_outcome: Callable[[str], None] | None = None
     metrics: Metrics | None = None  # served at /metrics; None (or DATAPROC_METRICS=false): 404
     throttle: auth.LoginThrottle = field(init=False)
     checker: auth.PasswordChecker = field(init=False)
+    exports: threading.BoundedSemaphore = field(init=False)  # slots of concurrent exports
 
     def __post_init__(self) -> None:
         self.throttle = auth.LoginThrottle(
             self.config.login_max_failures, self.config.login_window_s
         )
         self.checker = auth.PasswordChecker(self.config)
+        self.exports = threading.BoundedSemaphore(self.config.export_slots)
 
     def ingestor(self) -> ingest.Ingestor:
         """An ingestor for the configured upstream."""
         return ingest.Ingestor(
-            self.config, self.pool, self.upstream_url, clock=self.clock, on_outcome=self.on_outcome
+            self.config,
+            self.pool,
+            self.config.upstream_url,
+            clock=self.clock,
+            on_outcome=self.on_outcome,
         )

@@ -13,7 +13,7 @@ from .params import DataQuery, encode_cursor, parse_data_query
 
 def data(request: Request, ctx: Context) -> Response:
     """GET /api/data: a page of points; users see valid points only."""
-    username = auth.access_token_subject(request, ctx.config)
+    username = auth.access_token_subject(request, ctx.config, ctx.clock())
     query = parse_data_query(request)
     # One round trip: the store checks the user and its role in the same statement.
     page = store.list_points(
@@ -34,7 +34,9 @@ def data(request: Request, ctx: Context) -> Response:
 
 
 def _next_url(request: Request, query: DataQuery, last: tuple[datetime, int]) -> str:
-    params = {name: request.query[name][0] for name in ("start", "end") if name in request.query}
+    params: dict[str, str] = {
+        name: request.query[name][0] for name in ("start", "end") if name in request.query
+    }
     params.update(limit=str(query.limit), after=encode_cursor(last))
     return f"{request.path}?{urlencode(params)}"
 

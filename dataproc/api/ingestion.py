@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .. import auth, ingest
+from .. import auth, ingest, rules
 from ..errors import ApiError, ValidationError
 from ..web import Request, Response
 from .context import Context
@@ -15,10 +15,9 @@ _FAILURE_STATUS = {"unconfigured": 503, "timeout": 504, "unreachable": 502, "inv
 
 def populate(request: Request, ctx: Context) -> Response:
     """GET|POST /api/populate: fetch, process and store one point (or `count` points)."""
-    auth.require_admin(auth.current_caller(request, ctx.config, ctx.pool))
+    auth.require_admin(auth.current_caller(request, ctx.config, ctx.pool, ctx.clock()))
     problems: list[dict] = []
-    raw_count = single_param(request, "count", problems)
-    count = integer_param(raw_count, "count", 1, 100, problems) if raw_count is not None else None
+    count = integer_param(single_param(request, "count", problems), "count", rules.COUNT, problems)
     if problems:
         raise ValidationError(problems)
     ingestor = ctx.ingestor()

@@ -10,21 +10,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .. import rfc3339
+from .. import rfc3339, rules
 from ..errors import ValidationError, problem
 from ..web import Request
 
 INTEGER = re.compile(r"[+-]?[0-9]{1,19}")  # not \d: it matches "１" and other non-ASCII digits
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_SKIP = 1_000_000_000
 
 
 @dataclass(frozen=True)
 class DataQuery:
     start: datetime | None = None
     end: datetime | None = None
-    skip: int = 0
-    limit: int = 100
+    skip: int = rules.DEFAULT_SKIP
+    limit: int = rules.DEFAULT_LIMIT
     after: tuple[datetime, int] | None = None
 
 
@@ -39,8 +38,14 @@ def single_param(request: Request, name: str, problems: list[dict]) -> str | Non
     return values[0]
 
 
-def integer_param(text: str, name: str, low: int, high: int, problems: list[dict]) -> int | None:
-    """`text` as an ASCII integer in `low..high`, or None with the problem recorded."""
+def integer_param(
+    text: str | None, name: str, bounds: rules.Range, problems: list[dict]
+) -> int | None:
+    """`text` as an ASCII integer within `bounds`; None when `text` is None (not given) or
+    with the problem recorded."""
+    if text is None:
+        return None
+    low, high = bounds.low, bounds.high
     if not INTEGER.fullmatch(text):
         problems.append(problem("query", name, "Input should be a valid integer", "int_parsing"))
         return None
@@ -75,29 +80,34 @@ def _datetime(text: str, name: str, problems: list[dict]) -> datetime | None:
         return None
 
 
+def parse_window(request: Request, problems: list[dict]) -> tuple[datetime | None, datetime | None]:
+    """The inclusive `start`..`end` of a read (either may be absent); problems recorded."""
+    bounds = {}
+    for name in ("start", "end"):
+        text = single_param(request, name, problems)
+        bounds[name] = _datetime(text, name, problems) if text is not None else None
+    start, end = bounds["start"], bounds["end"]
+    if start and end and start > end:
+        problems.append(problem("query", "start", "start must not be after end", "value_error"))
+    return start, end
+
+
 def parse_data_query(request: Request) -> DataQuery:
     """The validated parameters of GET /api/data (422 lists every bad one)."""
     problems: list[dict] = []
-    raw = {
-        name: single_param(request, name, problems)
-        for name in ("start", "end", "skip", "limit", "after")
-    }
-    values: dict[str, Any] = {}
-    for name in ("start", "end"):
-        if raw[name] is not None:
-            values[name] = _datetime(raw[name], name, problems)
+    start, end = parse_window(request, problems)
+    raw = {name: single_param(request, name, problems) for name in ("skip", "limit", "after")}
+    values: dict[str, Any] = {"start": start, "end": end}
     if raw["skip"] is not None:
-        values["skip"] = integer_param(raw["skip"], "skip", 0, MAX_SKIP, problems)
+        values["skip"] = integer_param(raw["skip"], "skip", rules.SKIP, problems)
     if raw["limit"] is not None:
-        values["limit"] = integer_param(raw["limit"], "limit", 1, 1000, problems)
+        values["limit"] = integer_param(raw["limit"], "limit", rules.LIMIT, problems)
     if raw["after"] is not None:
         values["after"] = decode_cursor(raw["after"])
         if values["after"] is None:
             problems.append(
                 problem("query", "after", "not a cursor from a Link header", "value_error")
             )
-    if values.get("start") and values.get("end") and values["start"] > values["end"]:
-        problems.append(problem("query", "start", "start must not be after end", "value_error"))
     if problems:
         raise ValidationError(problems)
     return DataQuery(**values)
@@ -111,7 +121,7 @@ def encode_cursor(last: tuple[datetime, int]) -> str:
 
 def decode_cursor(text: str) -> tuple[datetime, int] | None:
     """The `(time, id)` a cursor names, or None when it is not one of ours."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+    if not re.fullmatch(rules.CURSOR_PATTERN, text):
         return None
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")

@@ -54,13 +54,11 @@ class NewPoint:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page of points as a JSON array (bytes), its length, its last `(time, id)`, and the
-    role of the viewer it was read for."""
+    """A page of points as a JSON array (bytes), its length and its last `(time, id)`."""
 
     json: bytes
     count: int
     last: tuple[datetime, int] | None
-    role: str
 
 
 # --- the pool -------------------------------------------------------------------------------
@@ -84,6 +82,12 @@ def make_pool(
         reconnect_timeout=0,
         kwargs={"autocommit": True, "connect_timeout": max(2, int(wait_s))},
     )
+
+
+def conninfo_of(pool: ConnectionPool) -> str:
+    """The connection string `pool` was made with (for a connection of its own, as an export's)."""
+    conninfo = pool.conninfo
+    return conninfo if isinstance(conninfo, str) else conninfo()
 
 
 class _HeldConnectWarnings(logging.Filter):
@@ -181,6 +185,13 @@ def read_one(pool: ConnectionPool, sql: str, params: Mapping | Sequence = ()) ->
         return conn.execute(sql, params).fetchone()
 
 
+def one_row(row: tuple | None) -> tuple:
+    """The row of a statement that always returns one (an aggregate, a function call)."""
+    if row is None:
+        raise RuntimeError("a statement that always returns one row returned none")
+    return row
+
+
 def schema_sql() -> str:
     """The text of schema.sql, shipped inside the package."""
     return resources.files("dataproc").joinpath("schema.sql").read_text(encoding="utf-8")
@@ -267,7 +278,9 @@ def create_user(
 def upsert_user(pool: ConnectionPool, username: str, hashed_password: str, role: str) -> bool:
     """Create a user or reset its password and role; True when it was created."""
     with connection(pool) as conn:
-        return bool(conn.execute(UPSERT_USER, (username, hashed_password, role)).fetchone()[0])
+        return bool(
+            one_row(conn.execute(UPSERT_USER, (username, hashed_password, role)).fetchone())[0]
+        )
 
 
 # --- data points ----------------------------------------------------------------------------
@@ -334,7 +347,9 @@ def insert_point(pool: ConnectionPool, point: NewPoint) -> tuple[bytes, bool]:
         if row is not None:
             return row[0].encode(), True
         row = conn.execute(SELECT_POINT_BY_DOCUMENT, (point.document_sha256, point.time)).fetchone()
-    if row is None:  # stored by a concurrent insert that has not committed: report as duplicate
+    # Neither inserted nor found: a concurrent insert of the same document has not committed
+    # yet. Whether it will is unknown here, so this is a 503 to retry, not a duplicate.
+    if row is None:
         raise DatabaseUnavailable("a concurrent insert of this document is in progress")
     return row[0].encode(), False
 
@@ -379,7 +394,9 @@ def page_params(
 def list_points(pool: ConnectionPool, **query) -> Page | None:
     """One page ordered by (time, id) as `query["viewer"]` may see it (admins: every point;
     others: valid ones), with `page_params`' filters. None: no such viewer."""
-    role, body, count, last_time, last_id = read_one(pool, SELECT_PAGE, page_params(**query))
+    role, body, count, last_time, last_id = one_row(
+        read_one(pool, SELECT_PAGE, page_params(**query))
+    )
     if role is None:
         return None
-    return Page(body.encode(), count, (last_time, last_id) if count else None, role)
+    return Page(body.encode(), count, (last_time, last_id) if count else None)

@@ -164,7 +164,7 @@ def _example() -> dict[str, str]:
 
 def test_env_example_lists_every_setting_and_every_original_variable():
     listed = set(_example())
-    expected = {variable for _, variable, _ in config.SETTINGS} | set(ORIGINAL_VARIABLES)
+    expected = {entry.variable for entry in config.SETTINGS} | set(ORIGINAL_VARIABLES)
     assert sorted(expected - listed) == []
     assert sorted(listed - expected) == []  # nothing the service would not read
 
@@ -174,8 +174,8 @@ def test_env_example_gives_each_setting_its_default_and_leaves_the_keys_empty():
     assert example["JWT_SECRET_KEY"] == example["JWT_REFRESH_SECRET_KEY"] == ""
     loaded = config.from_env({}, dotenv_path=str(REPO / ".env.example"))
     defaults = config.Config()
-    for field, variable, _ in config.SETTINGS:
-        assert getattr(loaded, field) == getattr(defaults, field), variable
+    for entry in config.SETTINGS:
+        assert getattr(loaded, entry.field) == getattr(defaults, entry.field), entry.variable
 
 
 def test_env_example_says_how_to_generate_the_keys():

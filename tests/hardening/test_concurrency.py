@@ -125,7 +125,7 @@ def test_one_service_survives_every_upstream_fault_in_a_row_and_fetches_normally
         ),
     }
     config = make_config(database_url, upstream_timeout_s=0.3)
-    ctx = api.Context(config, clean_db, base)
+    ctx = api.Context(config.replace(upstream_url=base), clean_db)
     server = HttpServer(config, make_app(api.build_router(ctx)))
     threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
@@ -136,13 +136,13 @@ def test_one_service_survives_every_upstream_fault_in_a_row_and_fetches_normally
         token = login(client, "root", "root-password")["access_token"]
         outcomes = {}
         for name, (url, status) in faults.items():
-            ctx.upstream_url = url
+            ctx.config = config.replace(upstream_url=url)
             started = time.monotonic()
             reply = client.get("/api/populate", token=token)
             outcomes[name] = reply.status
             assert reply.status == status, (name, reply.body)
             assert isinstance(reply.json()["detail"], str) and time.monotonic() - started < 2
-            ctx.upstream_url = base
+            ctx.config = config.replace(upstream_url=base)
             normal = client.get("/api/populate", token=token)
             assert normal.status == 200, (name, normal.body)
             assert_whole_point(normal.json())

@@ -5,8 +5,8 @@
 from __future__ import annotations
 
 import http.client
-import os
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit

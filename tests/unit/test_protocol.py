@@ -247,7 +247,7 @@ def test_these_responses_are_never_gzipped(status, headers, length):
 
 def test_a_gzip_stream_flushes_every_chunk_so_data_flows_and_decodes_whole():
     parts = [b"id,time\r\n", b"1,2024\r\n" * 50, b"2,2025\r\n"]
-    encoded = list(protocol.gzip_stream(iter(parts)))
+    encoded = list(protocol.GzipStream(iter(parts)))
     decoder = zlib.decompressobj(31)
     assert decoder.decompress(encoded[0]) == parts[0]  # readable before the stream ends
     assert gzip.decompress(b"".join(encoded)) == b"".join(parts)
@@ -263,9 +263,21 @@ def test_closing_a_gzip_stream_closes_the_inner_generator():
         finally:
             closed.append(True)
 
-    stream = protocol.gzip_stream(rows())
+    stream = protocol.GzipStream(rows())
     next(stream)
     stream.close()
+    assert closed == [True]
+
+
+def test_closing_a_gzip_stream_before_its_first_chunk_closes_the_producer():
+    producer = iter([b"a"])
+    closed = []
+    producer_with_close = type(
+        "P",
+        (),
+        {"__next__": lambda self: next(producer), "close": lambda self: closed.append(True)},
+    )()
+    protocol.GzipStream(producer_with_close).close()  # HEAD: nothing was pulled
     assert closed == [True]
 
 

@@ -1081,11 +1081,13 @@ class ClosingIterator:
         self.closed.set()
 
 
-def test_head_of_a_stream_sends_the_headers_only_and_closes_the_iterator(server, gates):
+@pytest.mark.parametrize("accept", ["identity", "gzip"])
+def test_head_of_a_stream_sends_the_headers_only_and_closes_the_iterator(server, gates, accept):
     gates.stream_factory = lambda req: ClosingIterator(gates.closed)
     conn = Raw(server)
-    status, headers = conn.send(get("/stream", method="HEAD")).head()
+    status, headers = conn.send(get("/stream", f"Accept-Encoding: {accept}", method="HEAD")).head()
     assert status.startswith("HTTP/1.1 200") and headers["transfer-encoding"] == "chunked"
+    assert (headers.get("content-encoding") == "gzip") is (accept == "gzip")
     assert gates.closed.wait(1)
     assert conn.request(get("/hello")).status == 200  # no body bytes came before it
 
