@@ -20,6 +20,7 @@ from .config import Config
 from .metrics import Metrics
 from .poller import Poller
 from .server import HttpServer
+from .store import replica
 from .upkeep import Upkeep
 from .web import make_app
 from .zeroconf import StartupError
@@ -67,7 +68,13 @@ def connect(config: Config, *, max_size: int | None = None) -> ConnectionPool:
     return pool
 
 
-def create_app(config: Config, pool: ConnectionPool, *, metrics: Metrics | None = None):
+def create_app(
+    config: Config,
+    pool: ConnectionPool,
+    *,
+    metrics: Metrics | None = None,
+    reads: replica.Reads | None = None,
+):
     """The request handler of the service (`Request -> Response`), for `server` or embedding;
     the upstream is `config.upstream_url`.
 
@@ -75,8 +82,25 @@ def create_app(config: Config, pool: ConnectionPool, *, metrics: Metrics | None 
     `metrics.observe` to the server as its observer so requests are counted too."""
     on_outcome = metrics.outcome if metrics is not None else None
     return make_app(
-        api.build_router(api.Context(config, pool, on_outcome=on_outcome, metrics=metrics))
+        api.build_router(
+            api.Context(config, pool, on_outcome=on_outcome, metrics=metrics, reads=reads)
+        )
     )
+
+
+def open_reads(config: Config, pool: ConnectionPool) -> replica.Reads:
+    """Where reads of points go: `DATAPROC_READ_DATABASE_URL`'s standby first, when set. Its
+    wait for a connection is a third of the database wait (at most 1 s), so that a standby
+    that does not answer leaves the rest of the wait to the primary."""
+    if not config.read_database_url:
+        return replica.Reads(pool)
+    standby = replica.make_standby_pool(
+        config.read_database_url,
+        max_size=config.db_pool_size,
+        wait_s=min(1.0, config.db_wait_s / 3),
+    )
+    log.info("reads of points go to the standby of DATAPROC_READ_DATABASE_URL first")
+    return replica.Reads(pool, standby)
 
 
 def warn_if_default_admin(pool: ConnectionPool) -> None:
@@ -110,6 +134,7 @@ class Service:
         self.http: HttpServer | None = None
         self.poller: Poller | None = None
         self.upkeep: Upkeep | None = None
+        self.reads: replica.Reads | None = None
         self.metrics: Metrics | None = None
         self._zeroconf: zeroconf.ZeroConf | None = None
         self._thread: threading.Thread | None = None
@@ -121,7 +146,8 @@ class Service:
         self.config = self._zeroconf.config
         self.pool = connect(self.config)
         self.metrics = Metrics(__version__) if self.config.metrics_enabled else None
-        app = create_app(self.config, self.pool, metrics=self.metrics)
+        self.reads = open_reads(self.config, self.pool)
+        app = create_app(self.config, self.pool, metrics=self.metrics, reads=self.reads)
         self.http = HttpServer(
             self.config,
             app,
@@ -189,6 +215,8 @@ class Service:
             # A daemon thread still inside bcrypt (Rust) when the interpreter exits aborts the
             # process ("FATAL: exception not rethrown", SIGABRT): let the check finish first.
             self._admin_check.join(timeout=10)
+        if self.reads is not None:
+            self.reads.close()
         if self.pool is not None:
             self.pool.close(timeout=5)
         if self._zeroconf is not None:

@@ -13,6 +13,7 @@ from psycopg_pool import ConnectionPool
 from .. import auth, ingest
 from ..config import Config
 from ..metrics import Metrics
+from ..store.replica import Reads
 
 
 @dataclass
@@ -26,11 +27,15 @@ class Context:
     clock: Callable[[], float] = time.time
     on_outcome: Callable[[str], None] | None = None
     metrics: Metrics | None = None  # served at /metrics; None (or DATAPROC_METRICS=false): 404
+    # Reads of points: a streaming standby first when one is configured, else `pool`.
+    reads: Reads | None = None
     throttle: auth.LoginThrottle = field(init=False)
     checker: auth.PasswordChecker = field(init=False)
     exports: threading.BoundedSemaphore = field(init=False)  # slots of concurrent exports
 
     def __post_init__(self) -> None:
+        if self.reads is None:
+            self.reads = Reads(self.pool)
         self.throttle = auth.LoginThrottle(
             self.config.login_max_failures, self.config.login_window_s
         )
