@@ -196,3 +196,208 @@ WHERE NOT EXISTS (SELECT 1 FROM dataproc_state WHERE key = 'default_admin')
   AND NOT EXISTS (SELECT 1 FROM users WHERE role = 'admin')
 ON CONFLICT DO NOTHING;
 INSERT INTO dataproc_state (key) VALUES ('default_admin') ON CONFLICT DO NOTHING;
+
+-- Rollups: per-interval aggregates of data_points that make `/api/data/summary` cost follow
+-- its buckets, not its points. Two widths: 60 s and 3600 s rows, epoch-aligned (as date_bin
+-- with origin 1970-01-01). Each row holds, over all points and over valid points only (a user
+-- sees valid points only): how many, how many are finite, and the sum, min and max of the
+-- finite values (NULL when none). A row exists only while its interval holds a point.
+--
+-- Kept in the SAME transaction as every write, whatever the writer (the service, the CLI, the
+-- original service, plain SQL, COPY): statement-level AFTER triggers with transition tables.
+-- Inserts add their aggregated deltas (INSERT ... ON CONFLICT DO UPDATE: two writers into
+-- one interval queue on its row and neither count is lost). An interval may have up to 8
+-- rows (`shard`, from the writer's backend): concurrent writers of the current minute would
+-- otherwise all queue on one row lock until their commits (measured: 8 writers, 2,200 -> 550
+-- inserts/s); readers add the shards up. Deletes and updates that change
+-- time, value or valid recompute the intervals they touched from the raw rows (exact, and
+-- min/max cannot be un-done by subtraction). Every path takes row locks in one order
+-- (60 s rows before 3600 s rows, each by time), so two single-statement writers never
+-- deadlock. TRUNCATE empties the rollups too.
+CREATE TABLE IF NOT EXISTS data_rollups (
+  width_s integer NOT NULL CHECK (width_s IN (60, 3600)),
+  bucket_start timestamptz NOT NULL,
+  shard smallint NOT NULL DEFAULT 0,
+  count bigint NOT NULL,
+  valid bigint NOT NULL,
+  finite_count bigint NOT NULL,
+  sum double precision,
+  min double precision,
+  max double precision,
+  valid_finite_count bigint NOT NULL,
+  valid_sum double precision,
+  valid_min double precision,
+  valid_max double precision,
+  PRIMARY KEY (width_s, bucket_start, shard)
+);
+
+-- Inserted rows: add each interval's aggregate to its row (minutes, then hours).
+CREATE OR REPLACE FUNCTION dataproc_rollups_after_insert() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  INSERT INTO data_rollups AS r
+  SELECT 60, date_bin('60 seconds', time, timestamptz '1970-01-01 00:00:00+00'),
+         (pg_backend_pid() % 8)::smallint, count(*), count(*) FILTER (WHERE valid),
+         count(*) FILTER (WHERE fin), sum(value) FILTER (WHERE fin),
+         min(value) FILTER (WHERE fin), max(value) FILTER (WHERE fin),
+         count(*) FILTER (WHERE fin AND valid), sum(value) FILTER (WHERE fin AND valid),
+         min(value) FILTER (WHERE fin AND valid), max(value) FILTER (WHERE fin AND valid)
+  FROM (SELECT time, value, valid, value NOT IN ('NaN', 'Infinity', '-Infinity') AS fin
+        FROM new_rows WHERE isfinite(time)) n
+  GROUP BY 2 ORDER BY 2
+  ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET
+    count = r.count + EXCLUDED.count, valid = r.valid + EXCLUDED.valid,
+    finite_count = r.finite_count + EXCLUDED.finite_count,
+    sum = coalesce(r.sum + EXCLUDED.sum, r.sum, EXCLUDED.sum),
+    min = least(r.min, EXCLUDED.min), max = greatest(r.max, EXCLUDED.max),
+    valid_finite_count = r.valid_finite_count + EXCLUDED.valid_finite_count,
+    valid_sum = coalesce(r.valid_sum + EXCLUDED.valid_sum, r.valid_sum, EXCLUDED.valid_sum),
+    valid_min = least(r.valid_min, EXCLUDED.valid_min),
+    valid_max = greatest(r.valid_max, EXCLUDED.valid_max);
+  INSERT INTO data_rollups AS r
+  SELECT 3600, date_bin('3600 seconds', time, timestamptz '1970-01-01 00:00:00+00'),
+         (pg_backend_pid() % 8)::smallint, count(*), count(*) FILTER (WHERE valid),
+         count(*) FILTER (WHERE fin), sum(value) FILTER (WHERE fin),
+         min(value) FILTER (WHERE fin), max(value) FILTER (WHERE fin),
+         count(*) FILTER (WHERE fin AND valid), sum(value) FILTER (WHERE fin AND valid),
+         min(value) FILTER (WHERE fin AND valid), max(value) FILTER (WHERE fin AND valid)
+  FROM (SELECT time, value, valid, value NOT IN ('NaN', 'Infinity', '-Infinity') AS fin
+        FROM new_rows WHERE isfinite(time)) n
+  GROUP BY 2 ORDER BY 2
+  ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET
+    count = r.count + EXCLUDED.count, valid = r.valid + EXCLUDED.valid,
+    finite_count = r.finite_count + EXCLUDED.finite_count,
+    sum = coalesce(r.sum + EXCLUDED.sum, r.sum, EXCLUDED.sum),
+    min = least(r.min, EXCLUDED.min), max = greatest(r.max, EXCLUDED.max),
+    valid_finite_count = r.valid_finite_count + EXCLUDED.valid_finite_count,
+    valid_sum = coalesce(r.valid_sum + EXCLUDED.valid_sum, r.valid_sum, EXCLUDED.valid_sum),
+    valid_min = least(r.valid_min, EXCLUDED.valid_min),
+    valid_max = greatest(r.valid_max, EXCLUDED.valid_max);
+  RETURN NULL;
+END $fn$;
+
+-- Recompute the given minutes (and their hours) from the raw rows. First every row (each
+-- shard) is made to exist and is locked, in the one order (minutes, then hours, by time); each later statement takes a fresh
+-- snapshot (READ COMMITTED), so it sees every writer that held one of those locks before us,
+-- and a writer still to come adds its own delta after our commit. The result goes to shard 0.
+CREATE OR REPLACE FUNCTION dataproc_rollups_recompute(minutes timestamptz[]) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  hours timestamptz[] := ARRAY(
+    SELECT DISTINCT date_bin('3600 seconds', m, timestamptz '1970-01-01 00:00:00+00')
+    FROM unnest(minutes) m ORDER BY 1);
+BEGIN
+  minutes := ARRAY(SELECT DISTINCT m FROM unnest(minutes) m ORDER BY 1);
+  -- An upsert that changes nothing locks each row, existing or new, one by one in this
+  -- order (a separate INSERT ... DO NOTHING, then SELECT ... FOR UPDATE, would hold new hour
+  -- rows while waiting for a minute row: a deadlock with an inserter).
+  INSERT INTO data_rollups AS r
+    (width_s, bucket_start, shard, count, valid, finite_count, valid_finite_count)
+  SELECT 60, m, s, 0, 0, 0, 0 FROM unnest(minutes) m, generate_series(0, 7) s
+  ORDER BY m, s ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET count = r.count;
+  INSERT INTO data_rollups AS r
+    (width_s, bucket_start, shard, count, valid, finite_count, valid_finite_count)
+  SELECT 3600, h, s, 0, 0, 0, 0 FROM unnest(hours) h, generate_series(0, 7) s
+  ORDER BY h, s ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET count = r.count;
+  DELETE FROM data_rollups
+  WHERE shard <> 0 AND ((width_s = 60 AND bucket_start = ANY (minutes))
+                     OR (width_s = 3600 AND bucket_start = ANY (hours)));
+  UPDATE data_rollups r SET
+    count = a.count, valid = a.valid, finite_count = a.finite_count, sum = a.sum,
+    min = a.min, max = a.max, valid_finite_count = a.valid_finite_count,
+    valid_sum = a.valid_sum, valid_min = a.valid_min, valid_max = a.valid_max
+  FROM (SELECT m.b, count(p.time) AS count, count(p.time) FILTER (WHERE p.valid) AS valid,
+               count(p.time) FILTER (WHERE p.fin) AS finite_count,
+               sum(p.value) FILTER (WHERE p.fin) AS sum, min(p.value) FILTER (WHERE p.fin) AS min,
+               max(p.value) FILTER (WHERE p.fin) AS max,
+               count(p.time) FILTER (WHERE p.fin AND p.valid) AS valid_finite_count,
+               sum(p.value) FILTER (WHERE p.fin AND p.valid) AS valid_sum,
+               min(p.value) FILTER (WHERE p.fin AND p.valid) AS valid_min,
+               max(p.value) FILTER (WHERE p.fin AND p.valid) AS valid_max
+        FROM unnest(minutes) AS m(b)
+        LEFT JOIN LATERAL (
+          SELECT time, value, valid, value NOT IN ('NaN', 'Infinity', '-Infinity') AS fin
+          FROM data_points WHERE time >= m.b AND time < m.b + interval '60 seconds') p ON true
+        GROUP BY m.b) a
+  WHERE r.width_s = 60 AND r.bucket_start = a.b AND r.shard = 0;
+  UPDATE data_rollups r SET
+    count = a.count, valid = a.valid, finite_count = a.finite_count, sum = a.sum,
+    min = a.min, max = a.max, valid_finite_count = a.valid_finite_count,
+    valid_sum = a.valid_sum, valid_min = a.valid_min, valid_max = a.valid_max
+  FROM (SELECT h.b, coalesce(sum(m.count), 0) AS count, coalesce(sum(m.valid), 0) AS valid,
+               coalesce(sum(m.finite_count), 0) AS finite_count, sum(m.sum) AS sum,
+               min(m.min) AS min, max(m.max) AS max,
+               coalesce(sum(m.valid_finite_count), 0) AS valid_finite_count,
+               sum(m.valid_sum) AS valid_sum, min(m.valid_min) AS valid_min,
+               max(m.valid_max) AS valid_max
+        FROM unnest(hours) AS h(b)
+        LEFT JOIN data_rollups m ON m.width_s = 60 AND m.bucket_start >= h.b
+                                AND m.bucket_start < h.b + interval '3600 seconds'
+        GROUP BY h.b) a
+  WHERE r.width_s = 3600 AND r.bucket_start = a.b AND r.shard = 0;
+  DELETE FROM data_rollups
+  WHERE count = 0 AND ((width_s = 60 AND bucket_start = ANY (minutes))
+                    OR (width_s = 3600 AND bucket_start = ANY (hours)));
+END $fn$;
+
+CREATE OR REPLACE FUNCTION dataproc_rollups_after_delete() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  PERFORM dataproc_rollups_recompute(ARRAY(
+    SELECT DISTINCT date_bin('60 seconds', time, timestamptz '1970-01-01 00:00:00+00')
+    FROM old_rows WHERE isfinite(time)));
+  RETURN NULL;
+END $fn$;
+
+-- Only rows whose time, value or validity changed touch the rollups (a tags-only update
+-- costs nothing); both the old and the new interval of a moved row are recomputed.
+CREATE OR REPLACE FUNCTION dataproc_rollups_after_update() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  PERFORM dataproc_rollups_recompute(ARRAY(
+    SELECT DISTINCT date_bin('60 seconds', time, timestamptz '1970-01-01 00:00:00+00')
+    FROM ((SELECT id, time, value, valid FROM old_rows
+           EXCEPT ALL SELECT id, time, value, valid FROM new_rows)
+          UNION ALL
+          (SELECT id, time, value, valid FROM new_rows
+           EXCEPT ALL SELECT id, time, value, valid FROM old_rows)) changed
+    WHERE isfinite(time)));
+  RETURN NULL;
+END $fn$;
+
+CREATE OR REPLACE FUNCTION dataproc_rollups_after_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  TRUNCATE data_rollups;
+  RETURN NULL;
+END $fn$;
+
+-- Created once (CREATE TRIGGER takes a lock that blocks writers; replacing the functions
+-- above is enough to change what they do). PostgreSQL allows one event per trigger with
+-- transition tables, hence four.
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'data_points_rollups_insert'
+                 AND tgrelid = 'data_points'::regclass) THEN
+    CREATE TRIGGER data_points_rollups_insert AFTER INSERT ON data_points
+      REFERENCING NEW TABLE AS new_rows
+      FOR EACH STATEMENT EXECUTE FUNCTION dataproc_rollups_after_insert();
+    CREATE TRIGGER data_points_rollups_delete AFTER DELETE ON data_points
+      REFERENCING OLD TABLE AS old_rows
+      FOR EACH STATEMENT EXECUTE FUNCTION dataproc_rollups_after_delete();
+    CREATE TRIGGER data_points_rollups_update AFTER UPDATE ON data_points
+      REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+      FOR EACH STATEMENT EXECUTE FUNCTION dataproc_rollups_after_update();
+    CREATE TRIGGER data_points_rollups_truncate AFTER TRUNCATE ON data_points
+      FOR EACH STATEMENT EXECUTE FUNCTION dataproc_rollups_after_truncate();
+  END IF;
+END $$;
+
+-- Whether the rollups cover every row. A database that had points before the triggers
+-- existed (made by the original service, or by an earlier dataproc) is not covered until
+-- `init-db` rebuilds them; until then summaries read the raw rows (correct, slower).
+-- With no point at all there is nothing to rebuild. Checked after the triggers exist:
+-- creating them waited for every writer that started before, and any later writer fires them.
+INSERT INTO dataproc_state (key)
+SELECT 'rollups_complete' WHERE NOT EXISTS (SELECT 1 FROM data_points)
+ON CONFLICT DO NOTHING;

@@ -113,11 +113,16 @@ def cmd_source(args: argparse.Namespace, config: Config | None) -> int:
 
 
 def cmd_init_db(args: argparse.Namespace, config: Config) -> int:
-    """Apply schema.sql."""
+    """Apply schema.sql, then build the rollups of existing points when they are missing."""
     from . import runtime, zeroconf
+    from .store import rollups
 
     with zeroconf.resolve(config, serving=False, upstream=False) as resolved:
-        runtime.connect(resolved.config, max_size=1).close()
+        pool = runtime.connect(resolved.config, max_size=1)
+        try:
+            rollups.rebuild_if_missing(pool)  # a database made by the original has none yet
+        finally:
+            pool.close()
     print("schema applied")
     return 0
 

@@ -155,6 +155,47 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "SummaryBucket": {
+        "type": "object",
+        "required": ["time", "count", "valid", "min", "max", "mean"],
+        "properties": {
+            "time": {
+                "type": "string",
+                "format": "date-time",
+                "description": "The bucket's start: a whole multiple of its size since "
+                "1970-01-01T00:00:00Z.",
+            },
+            "count": {"type": "integer", "minimum": 1, "description": "Visible points in it."},
+            "valid": {"type": "integer", "minimum": 0, "description": "Of them, the valid ones."},
+            "min": {"type": ["number", "null"], "description": "Over finite values; null: none."},
+            "max": {"type": ["number", "null"], "description": "Over finite values; null: none."},
+            "mean": {"type": ["number", "null"], "description": "Over finite values; null: none."},
+        },
+    },
+    "Summary": {
+        "type": "object",
+        "required": ["start", "end", "bucket", "bucket_s", "buckets"],
+        "properties": {
+            "start": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "The window as used: as given, else the first visible point's "
+                "time (null when there is none).",
+            },
+            "end": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "As given, else the last visible point's time.",
+            },
+            "bucket": {"type": "string", "examples": ["1h"], "description": "The size used."},
+            "bucket_s": {"type": "integer", "minimum": 1, "maximum": 2678400},
+            "buckets": {
+                "type": "array",
+                "items": _schema("SummaryBucket"),
+                "description": "Only non-empty buckets, in time order.",
+            },
+        },
+    },
     "Status": {
         "type": "object",
         "required": ["status"],
@@ -243,6 +284,17 @@ PARAMETERS: dict[str, Any] = {
         "description": "`csv` or `ndjson`; without it the `Accept` header chooses "
         "(`text/csv`, `application/x-ndjson`), else NDJSON.",
         "schema": {"type": "string", "enum": ["csv", "ndjson"]},
+    },
+    "bucket": {
+        "name": "bucket",
+        "in": "query",
+        "required": False,
+        "description": "Bucket size: an integer with `s`, `m`, `h` or `d` (`30s`, `5m`, `1h`, "
+        "`1d`) or integer seconds, from 1 s to 31 d. Default: the smallest of 1s 5s 10s 30s 1m "
+        "5m 10m 30m 1h 3h 6h 12h 1d 7d giving at most 500 buckets. More than 10,000 buckets in "
+        "the window: 422.",
+        "schema": {"type": "string", "pattern": "^[0-9]{1,8}[smhd]?$"},
+        "example": "1h",
     },
     "count": {
         "name": "count",
@@ -435,6 +487,28 @@ def _paths() -> dict[str, Any]:
                 security=SECURED,
             )
         },
+        "/api/data/summary": {
+            "get": _operation(
+                "summary",
+                "data",
+                "Summarise data points in time buckets",
+                "The points the caller can see (admins: all, others: valid ones) in buckets "
+                "aligned to the Unix epoch: per non-empty bucket its `count`, `valid`, and `min`, "
+                "`max`, `mean` over finite values. The counts agree exactly with `/api/data` for "
+                "the same window and caller. Served from per-minute and per-hour rollups kept by "
+                "the database in every writer's transaction; only buckets under a minute and the "
+                "partial minutes at the window's edges read raw rows.",
+                _responses(
+                    {"200": _json("The buckets.", _schema("Summary"))},
+                    400,
+                    401,
+                    422,
+                    503,
+                ),
+                params=("start", "end", "bucket"),
+                security=SECURED,
+            )
+        },
         "/api/data/export": {
             "get": _operation(
                 "export",
@@ -551,13 +625,32 @@ def _paths() -> dict[str, Any]:
                 security=[],
             )
         },
+        "/view": {
+            "get": _operation(
+                "view",
+                "service",
+                "Chart page",
+                "A self-contained page (no external requests): log in, pick a window or drag "
+                "to zoom, see the mean line and min-max band from the summary, the raw points "
+                "when the window holds 2,000 or fewer, the latest points as a table; "
+                "auto-refresh and CSV/NDJSON downloads.",
+                {
+                    "200": {
+                        "description": "The page.",
+                        "headers": _headers(),
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+                security=[],
+            )
+        },
         "/": {
             "get": _operation(
                 "root",
                 "service",
-                "Redirect to /docs",
-                "Sends browsers to the documentation.",
-                {"307": {"description": "To /docs.", "headers": _headers("Location")}},
+                "Redirect to /view",
+                "Sends browsers to the chart page.",
+                {"307": {"description": "To /view.", "headers": _headers("Location")}},
                 security=[],
             )
         },

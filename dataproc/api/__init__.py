@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from ..errors import ApiError
 from ..web import Request, Response, Router
-from . import accounts, data, export, ingestion, service
+from . import accounts, data, export, ingestion, service, summary
 from .context import Context
 from .params import decode_cursor, encode_cursor, parse_data_query
 
@@ -30,6 +30,7 @@ Handler = Callable[[Request, Context], Response]
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     *accounts.ROUTES,
     *data.ROUTES,
+    *summary.ROUTES,
     *export.ROUTES,
     *ingestion.ROUTES,
     *service.ROUTES,

@@ -1,6 +1,9 @@
-"""Service endpoints: health, readiness, metrics, the OpenAPI document, `/docs` and `/`."""
+"""Service endpoints: health, readiness, metrics, the OpenAPI document, `/docs`, `/view` and `/`."""
 
 from __future__ import annotations
+
+from functools import cache
+from importlib import resources
 
 from .. import openapi, store
 from ..errors import ApiError
@@ -42,9 +45,20 @@ def docs(request: Request, ctx: Context) -> Response:
     return Response(200, openapi.docs_html(), dict(DOCS_HEADERS))
 
 
+@cache
+def view_html() -> bytes:
+    """The `/view` page, read once from the package data."""
+    return resources.files("dataproc.static").joinpath("view.html").read_bytes()
+
+
+def view(request: Request, ctx: Context) -> Response:
+    """GET /view: the self-contained chart page (the same strict policy as /docs)."""
+    return Response(200, view_html(), dict(DOCS_HEADERS))
+
+
 def root(request: Request, ctx: Context) -> Response:
-    """GET /: a temporary redirect to /docs."""
-    return Response(307, b"", {"Location": "/docs"})
+    """GET /: a temporary redirect to the chart page, /view."""
+    return Response(307, b"", {"Location": "/view"})
 
 
 def prometheus_metrics(request: Request, ctx: Context) -> Response:
@@ -61,5 +75,6 @@ ROUTES = (
     ("GET", "/metrics", prometheus_metrics),
     ("GET", "/openapi.json", openapi_json),
     ("GET", "/docs", docs),
+    ("GET", "/view", view),
     ("GET", "/", root),
 )

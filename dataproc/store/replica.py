@@ -47,12 +47,20 @@ log = logging.getLogger("dataproc.replica")
 T = TypeVar("T")
 DOWN_S = 2.0  # after a failure, how long reads skip the standby before trying it again
 
-# The page query with the role handed in (read on the primary) instead of looked up.
-_VIEWER = "WITH viewer AS (SELECT role FROM users WHERE username = %(viewer)s),"
-_GIVEN_ROLE = "WITH viewer AS (SELECT %(role)s::varchar AS role),"
-if _VIEWER not in SELECT_PAGE:  # pragma: no cover - a change of SELECT_PAGE must change this
-    raise ImportError("store.SELECT_PAGE no longer starts with the viewer CTE replica.py expects")
-SELECT_PAGE_FOR_ROLE = SELECT_PAGE.replace(_VIEWER, _GIVEN_ROLE)
+# A read that looks its viewer's role up, in the form that takes the role as a parameter
+# (read on the primary): every such query of the store names the viewer this one way.
+_VIEWER = "FROM users WHERE username = %(viewer)s"
+_GIVEN_ROLE = "FROM (SELECT %(role)s::varchar AS role) AS given"
+
+
+def for_role(sql: str) -> str:
+    """`sql` with its viewer's role taken from `%(role)s` instead of the users table."""
+    if _VIEWER not in sql:
+        raise ValueError("a read through the standby must look its viewer up as store does")
+    return sql.replace(_VIEWER, _GIVEN_ROLE)
+
+
+SELECT_PAGE_FOR_ROLE = for_role(SELECT_PAGE)
 
 
 def make_standby_pool(conninfo: str, *, max_size: int, wait_s: float) -> ConnectionPool:
@@ -104,6 +112,17 @@ class Reads:
                 error.detail,
                 DOWN_S,
             )
+
+    def read_as_viewer(self, sql: str, params: dict) -> tuple | None:
+        """`read_one` of a statement that looks up `params["viewer"]`'s role: with a standby,
+        the role from the primary and the statement on the standby (or the primary)."""
+        if self.standby is None:
+            return read_one(self.primary, sql, params)
+        role = user_role(self.primary, params["viewer"])
+        if role is None:  # no such viewer: the primary answers the "nobody" row
+            return read_one(self.primary, sql, params)
+        given = {**params, "role": role}
+        return self.run(lambda pool: read_one(pool, for_role(sql), given))
 
     def close(self) -> None:
         """Close the standby's pool (the primary's belongs to the service)."""

@@ -43,10 +43,10 @@ def find_browser() -> str | None:
 # --- the page without a browser -------------------------------------------------------------
 
 
-def test_root_redirects_to_docs(client):
+def test_root_redirects_to_the_chart_page(client):
     reply = client.get("/")
     assert reply.status == 307
-    assert reply.headers["Location"] == "/docs"
+    assert reply.headers["Location"] == "/view"
 
 
 def test_docs_page_is_html_with_a_strict_content_security_policy(client):
@@ -267,7 +267,7 @@ def test_docs_page_loads_offline_logs_in_and_calls_populate_then_data(browser, s
     create_user(clean_db, "root", "root-password", "admin")
     page = Page(browser)
     base = service.url.rstrip("/")
-    browser.call("Page.navigate", page.session, url=base + "/")  # via the redirect to /docs
+    browser.call("Page.navigate", page.session, url=base + "/docs")
     page.wait_for("document.body && document.body.dataset.ready === 'true'")
     assert page.evaluate("location.pathname") == "/docs"
     operations = page.evaluate("[...document.querySelectorAll('section.op')].map(s => s.id)")
