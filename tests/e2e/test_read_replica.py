@@ -179,6 +179,9 @@ def test_reads_follow_a_real_standby_through_lag_a_kill_and_its_return(primary_a
         export = client.get("/api/data/export?format=ndjson", token=token)
         assert export.status == 200
         assert [json.loads(line)["id"] for line in export.body.splitlines()] == [first]
+        summary = client.get("/api/data/summary", token=token)
+        assert summary.status == 200, summary.body
+        assert sum(b["count"] for b in summary.json()["buckets"]) == 1  # the standby's view
         # Roles stay on the primary: demoted there, the caller at once sees as a user does.
         hidden = add_point(primary, 3.0, valid=False)
         with psycopg.connect(primary.db(), autocommit=True) as conn:
@@ -198,6 +201,8 @@ def test_reads_follow_a_real_standby_through_lag_a_kill_and_its_return(primary_a
         assert ids(client.get("/api/data", token=token)) == [first, second, hidden, third]
         assert service.reads.fallbacks == before + 1
         assert client.get("/api/data/export", token=token).status == 200
+        summary = client.get("/api/data/summary", token=token)
+        assert sum(b["count"] for b in summary.json()["buckets"]) == 4  # the primary's
         assert login(client, "root", "root-password")["access_token"]  # logins: the primary
 
         # The standby back: used again once it answers (after at most DOWN_S).
