@@ -401,3 +401,75 @@ END $$;
 INSERT INTO dataproc_state (key)
 SELECT 'rollups_complete' WHERE NOT EXISTS (SELECT 1 FROM data_points)
 ON CONFLICT DO NOTHING;
+
+-- Freshness (the read cache and the sessions of every replica): triggers NOTIFY each change,
+-- so no writer — a replica, the CLI, plain SQL, a COPY — can forget to; PostgreSQL delivers a
+-- NOTIFY at commit, so a listener hears of a change only once it is visible.
+--
+-- The data version: one row, bumped once per statement that changed data_points, in that
+-- statement's transaction (the row lock orders the bumps as the commits are ordered). It never
+-- goes back, even if this table is dropped and made again: it is at least the time in ms, so a
+-- tag a client kept from before cannot match a new state by accident.
+CREATE TABLE IF NOT EXISTS dataproc_data_version (
+  name text PRIMARY KEY,
+  version bigint NOT NULL
+);
+INSERT INTO dataproc_data_version (name, version)
+VALUES ('data_points', (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+ON CONFLICT DO NOTHING;
+
+CREATE OR REPLACE FUNCTION dataproc_bump_data_version() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  changed boolean := true;
+  new_version bigint;
+BEGIN
+  -- A statement that changed no row (an INSERT whose documents were all duplicates) leaves
+  -- every cached answer valid: no bump.
+  IF TG_OP = 'INSERT' THEN
+    changed := EXISTS (SELECT FROM new_rows);
+  ELSIF TG_OP IN ('UPDATE', 'DELETE') THEN
+    changed := EXISTS (SELECT FROM old_rows);
+  END IF;
+  IF changed THEN
+    UPDATE dataproc_data_version
+    SET version = greatest(version + 1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+    WHERE name = 'data_points'
+    RETURNING version INTO new_version;
+    PERFORM pg_notify('dataproc_points', new_version::text);
+  END IF;
+  RETURN NULL;
+END $$;
+
+-- Transition tables allow one event per trigger: one trigger each.
+CREATE OR REPLACE TRIGGER dataproc_points_inserted AFTER INSERT ON data_points
+  REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataproc_bump_data_version();
+CREATE OR REPLACE TRIGGER dataproc_points_updated AFTER UPDATE ON data_points
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION dataproc_bump_data_version();
+CREATE OR REPLACE TRIGGER dataproc_points_deleted AFTER DELETE ON data_points
+  REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataproc_bump_data_version();
+CREATE OR REPLACE TRIGGER dataproc_points_truncated AFTER TRUNCATE ON data_points
+  FOR EACH STATEMENT EXECUTE FUNCTION dataproc_bump_data_version();
+
+-- A user's row changed (role, password, name) or went: its username on dataproc_users, so
+-- every replica drops what it knows of that user's role. A TRUNCATE sends '' (no username
+-- can be empty): everyone.
+CREATE OR REPLACE FUNCTION dataproc_notify_user() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'TRUNCATE' THEN
+    PERFORM pg_notify('dataproc_users', '');
+    RETURN NULL;
+  END IF;
+  PERFORM pg_notify('dataproc_users', OLD.username);
+  IF TG_OP = 'UPDATE' AND NEW.username IS DISTINCT FROM OLD.username THEN
+    PERFORM pg_notify('dataproc_users', NEW.username);
+  END IF;
+  RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER dataproc_users_changed AFTER UPDATE OR DELETE ON users
+  FOR EACH ROW EXECUTE FUNCTION dataproc_notify_user();
+CREATE OR REPLACE TRIGGER dataproc_users_truncated AFTER TRUNCATE ON users
+  FOR EACH STATEMENT EXECUTE FUNCTION dataproc_notify_user();

@@ -481,6 +481,20 @@ class Config:
         text="",
         computed="unset: reads on the primary",
     )
+    cache_enabled: bool = setting(
+        "DATAPROC_CACHE",
+        True,
+        _boolean,
+        "the per-process read cache of /api/data, kept fresh by LISTEN/NOTIFY and bypassed "
+        "while it cannot hear writes; false: every read goes to the database",
+    )
+    cache_mb: int = setting(
+        "DATAPROC_CACHE_MB",
+        32,
+        _int_in(1, 1024 * 1024),
+        "the read cache's bound per process (least recently used answers go first)",
+        unit="MiB",
+    )
 
     @property
     def export_slots(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from . import __version__, api, ingest, passwords, store, zeroconf
+from . import __version__, api, ingest, notify, passwords, store, zeroconf
 from .config import Config
 from .metrics import Metrics
 from .poller import Poller
@@ -74,6 +74,7 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     reads: replica.Reads | None = None,
+    listener: notify.Listener | None = None,
 ):
     """The request handler of the service (`Request -> Response`), for `server` or embedding;
     the upstream is `config.upstream_url`.
@@ -83,7 +84,14 @@ def create_app(
     on_outcome = metrics.outcome if metrics is not None else None
     return make_app(
         api.build_router(
-            api.Context(config, pool, on_outcome=on_outcome, metrics=metrics, reads=reads)
+            api.Context(
+                config,
+                pool,
+                on_outcome=on_outcome,
+                metrics=metrics,
+                reads=reads,
+                listener=listener,
+            )
         )
     )
 
@@ -136,6 +144,7 @@ class Service:
         self.upkeep: Upkeep | None = None
         self.reads: replica.Reads | None = None
         self.metrics: Metrics | None = None
+        self.listener: notify.Listener | None = None
         self._zeroconf: zeroconf.ZeroConf | None = None
         self._thread: threading.Thread | None = None
         self._admin_check: threading.Thread | None = None
@@ -146,8 +155,14 @@ class Service:
         self.config = self._zeroconf.config
         self.pool = connect(self.config)
         self.metrics = Metrics(__version__) if self.config.metrics_enabled else None
+        # One listener per process, before serving; not waited for: until it is healthy the
+        # caches that use it fail closed (every read goes to the database).
+        self.listener = notify.Listener(database_url(self.config), notify.CHANNELS)
+        self.listener.start()
         self.reads = open_reads(self.config, self.pool)
-        app = create_app(self.config, self.pool, metrics=self.metrics, reads=self.reads)
+        app = create_app(
+            self.config, self.pool, metrics=self.metrics, reads=self.reads, listener=self.listener
+        )
         self.http = HttpServer(
             self.config,
             app,
@@ -211,6 +226,8 @@ class Service:
             self.poller.stop()
         if self.upkeep is not None:
             self.upkeep.stop()
+        if self.listener is not None:
+            self.listener.stop()
         if self._admin_check is not None:
             # A daemon thread still inside bcrypt (Rust) when the interpreter exits aborts the
             # process ("FATAL: exception not rethrown", SIGABRT): let the check finish first.

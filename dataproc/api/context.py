@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from psycopg_pool import ConnectionPool
 
-from .. import auth, ingest
+from .. import auth, ingest, notify
+from ..cache import ReadCache
 from ..config import Config
 from ..metrics import Metrics
 from ..store.replica import Reads
@@ -29,9 +30,14 @@ class Context:
     metrics: Metrics | None = None  # served at /metrics; None (or DATAPROC_METRICS=false): 404
     # Reads of points: a streaming standby first when one is configured, else `pool`.
     reads: Reads | None = None
+    # Hears every write (LISTEN/NOTIFY); None without one: what relies on it fails closed.
+    listener: notify.Listener | None = None
     throttle: auth.LoginThrottle = field(init=False)
     checker: auth.PasswordChecker = field(init=False)
     exports: threading.BoundedSemaphore = field(init=False)  # slots of concurrent exports
+    # Answers of reads and the roles of callers (DATAPROC_CACHE); serves nothing while
+    # `listener` is unhealthy or absent.
+    cache: ReadCache = field(init=False)
 
     def __post_init__(self) -> None:
         if self.reads is None:
@@ -41,6 +47,11 @@ class Context:
         )
         self.checker = auth.PasswordChecker(self.config)
         self.exports = threading.BoundedSemaphore(self.config.export_slots)
+        self.cache = ReadCache(
+            self.listener,
+            max_bytes=self.config.cache_mb * 1024 * 1024,
+            enabled=self.config.cache_enabled,
+        )
 
     def ingestor(self) -> ingest.Ingestor:
         """An ingestor for the configured upstream."""

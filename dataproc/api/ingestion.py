@@ -27,6 +27,8 @@ def populate(request: Request, ctx: Context) -> Response:
         batch = ingestor.batch(count)
     except ingest.IngestFailure as failure:
         raise ApiError(_FAILURE_STATUS[failure.kind], failure.reason) from None
+    finally:
+        ctx.cache.wrote()  # before the answer: this replica's next read sees what it stored
     body = (
         b'{"stored":['
         + b",".join(batch.stored)

