@@ -204,6 +204,16 @@ SCHEMAS: dict[str, Any] = {
 }
 
 HEADERS: dict[str, Any] = {
+    "ETag": {
+        "description": "A strong tag of this answer for this caller; it changes whenever the "
+        "answer would (a point stored in the window, a change of the caller's role).",
+        "schema": {"type": "string"},
+    },
+    "Cache-Control": {
+        "description": "`private, no-cache`: per caller, revalidate with `If-None-Match`.",
+        "schema": {"type": "string"},
+    },
+    "Vary": {"description": "`Authorization, Accept-Encoding`.", "schema": {"type": "string"}},
     "X-Request-ID": {
         "description": "The request's id (the client's when sane, else generated); "
         "the access log line carries the same.",
@@ -231,6 +241,14 @@ HEADERS: dict[str, Any] = {
 }
 
 PARAMETERS: dict[str, Any] = {
+    "IfNoneMatch": {
+        "name": "If-None-Match",
+        "in": "header",
+        "required": False,
+        "description": "An `ETag` of an earlier answer (a list, weak `W/` tags, or `*`): "
+        "304 with no body while it still holds.",
+        "schema": {"type": "string"},
+    },
     "RequestId": {
         "name": "X-Request-ID",
         "in": "header",
@@ -332,6 +350,19 @@ def _json(description: str, schema: dict, *headers: str) -> dict:
         "description": description,
         "headers": _headers(*headers),
         "content": {JSON: {"schema": schema}},
+    }
+
+
+CONDITIONAL = ("ETag", "Cache-Control", "Vary")
+
+
+def _not_modified() -> dict:
+    """The 304 of a conditional read: the validators, no body (RFC 9110 §15.4.5)."""
+    return {
+        "304": {
+            "description": "Not Modified: `If-None-Match` holds the current tag.",
+            "headers": _headers(*CONDITIONAL),
+        }
     }
 
 
@@ -476,14 +507,16 @@ def _paths() -> dict[str, Any]:
                             "A page of points.",
                             {"type": "array", "items": _schema("DataPoint")},
                             "Link",
-                        )
+                            *CONDITIONAL,
+                        ),
+                        **_not_modified(),
                     },
                     400,
                     401,
                     422,
                     503,
                 ),
-                params=("start", "end", "skip", "limit", "after"),
+                params=("start", "end", "skip", "limit", "after", "IfNoneMatch"),
                 security=SECURED,
             )
         },
@@ -499,13 +532,16 @@ def _paths() -> dict[str, Any]:
                 "the database in every writer's transaction; only buckets under a minute and the "
                 "partial minutes at the window's edges read raw rows.",
                 _responses(
-                    {"200": _json("The buckets.", _schema("Summary"))},
+                    {
+                        "200": _json("The buckets.", _schema("Summary"), *CONDITIONAL),
+                        **_not_modified(),
+                    },
                     400,
                     401,
                     422,
                     503,
                 ),
-                params=("start", "end", "bucket"),
+                params=("start", "end", "bucket", "IfNoneMatch"),
                 security=SECURED,
             )
         },

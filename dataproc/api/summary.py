@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .. import auth
+from ..cache import Answer
 from ..errors import ValidationError, problem
 from ..store import rollups
 from ..web import Request, Response
+from .cached import cached_read
 from .context import Context
 from .params import parse_window, single_param
 
@@ -132,36 +134,50 @@ def label(bucket_s: int) -> str:
 
 def _window(
     ctx: Context, username: str, query: SummaryQuery
-) -> tuple[datetime | None, datetime | None]:
-    """The window as used: a missing bound is the first / last visible point's time inside
-    the other one; with no visible point there, the other bound (or None when both miss)."""
+) -> tuple[str | None, int | None, datetime | None, datetime | None]:
+    """(role, version, start, end): the window as used. A missing bound is the first / last
+    visible point's time inside the other one; with no visible point there, the other bound
+    (or None when both miss). Role and version come from that read (None when none was
+    needed)."""
     if query.start is not None and query.end is not None:
-        return query.start, query.end
-    role, first, last = rollups.visible_span(
+        return None, None, query.start, query.end
+    role, version, first, last = rollups.visible_span(
         ctx.pool, username, query.start, query.end, reads=ctx.reads
     )
-    if role is None:
-        raise auth.user_gone()
     start = query.start or first or query.end
     end = query.end or last or query.start
-    return start, end
+    return role, version, start, end
+
+
+def _compute(ctx: Context, query: SummaryQuery, username: str) -> Answer:
+    """The summary read from the database, with the role and data version it was read at.
+    When the window's bounds came from an earlier statement, the older of the two versions
+    is the answer's: a write between them then makes the answer stale at once."""
+    role, span_version, start, end = _window(ctx, username, query)
+    if start is None or end is None:  # no visible point and no bound: nothing to bucket
+        body = _body(None, None, query.bucket_s or DEFAULT_SIZES[0], b"[]")
+        return Answer(role, span_version or 0, body)
+    size = choose_bucket(start, end, query.bucket_s)
+    role, buckets, _, version = rollups.summarize(
+        ctx.pool, username, start, end, size, reads=ctx.reads
+    )
+    if span_version is not None:
+        version = min(version, span_version)
+    return Answer(role, version, _body(start, end, size, buckets))
 
 
 def summary(request: Request, ctx: Context) -> Response:
-    """GET /api/data/summary: non-empty epoch-aligned buckets of the visible points."""
+    """GET /api/data/summary: non-empty epoch-aligned buckets of the visible points, with
+    the read cache, `ETag` and 304 of `/api/data`."""
     username = auth.access_token_subject(request, ctx.config, ctx.clock())
     query = parse_summary_query(request)
-    start, end = _window(ctx, username, query)
-    if start is None or end is None:  # no visible point and no bound: nothing to bucket
-        return _response(None, None, query.bucket_s or DEFAULT_SIZES[0], b"[]")
-    size = choose_bucket(start, end, query.bucket_s)
-    role, buckets, _ = rollups.summarize(ctx.pool, username, start, end, size, reads=ctx.reads)
-    if role is None:
-        raise auth.user_gone()
-    return _response(start, end, size, buckets)
+    key = (query.start, query.end, query.bucket_s)
+    return cached_read(
+        request, ctx, key, lambda user: _compute(ctx, query, user), username=username
+    )
 
 
-def _response(start: datetime | None, end: datetime | None, size: int, buckets: bytes) -> Response:
+def _body(start: datetime | None, end: datetime | None, size: int, buckets: bytes) -> bytes:
     """The answer, its buckets' JSON passed through as PostgreSQL built it."""
     head = {
         "start": format_time(start) if start else None,
@@ -169,8 +185,7 @@ def _response(start: datetime | None, end: datetime | None, size: int, buckets: 
         "bucket": label(size),
         "bucket_s": size,
     }
-    body = json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"buckets":' + buckets + b"}"
-    return Response.raw_json(body)
+    return json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"buckets":' + buckets + b"}"
 
 
 ROUTES = (("GET", "/api/data/summary", summary),)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from psycopg_pool import ConnectionPool
 
-from . import NO_LOWER_BOUND, NO_UPPER_BOUND, connection, read_one
+from . import DATA_VERSION, NO_LOWER_BOUND, NO_UPPER_BOUND, connection, read_one
 
 if TYPE_CHECKING:  # a type only: replica imports nothing of rollups
     from .replica import Reads
@@ -127,16 +127,16 @@ pieces AS (
   UNION ALL
   {_ROLLUP_PIECE.format(name="hours", width=3600)})
 SELECT (SELECT role FROM viewer), count(*),
-       '[' || coalesce(string_agg({_BUCKET_JSON}, ',' ORDER BY b), '') || ']'
+       '[' || coalesce(string_agg({_BUCKET_JSON}, ',' ORDER BY b), '') || ']', {DATA_VERSION}
 FROM (SELECT b, sum(n) AS n, sum(v) AS v, sum(f) AS f, sum(s) AS s, min(lo) AS lo,
              max(hi) AS hi
       FROM pieces GROUP BY b) g"""
 
 # The first and last point the viewer can see inside the given bounds (for a missing
-# `start` or `end`), with the viewer's role.
-SELECT_SPAN = """
+# `start` or `end`), with the viewer's role and the data version they were read at.
+SELECT_SPAN = f"""
 WITH viewer AS (SELECT role FROM users WHERE username = %(viewer)s)
-SELECT (SELECT role FROM viewer),
+SELECT (SELECT role FROM viewer), {DATA_VERSION},
        (SELECT min(time) FROM data_points WHERE time >= %(start)s AND time <= %(end)s
           AND (valid OR (SELECT role FROM viewer) = 'admin')),
        (SELECT max(time) FROM data_points WHERE time >= %(start)s AND time <= %(end)s
@@ -150,15 +150,16 @@ def visible_span(
     end: datetime | None,
     *,
     reads: Reads | None = None,
-) -> tuple[str | None, datetime | None, datetime | None]:
-    """(role, first, last): the viewer's role (None: no such user) and the first and last
-    visible point's time within the given bounds (None when there is none). With `reads`,
-    through its read standby (the role from the primary)."""
+) -> tuple[str | None, int, datetime | None, datetime | None]:
+    """(role, version, first, last): the viewer's role (None: no such user), the data version
+    read, and the first and last visible point's time within the given bounds (None when
+    there is none)."""
     params = {"viewer": viewer, "start": start or NO_LOWER_BOUND, "end": end or NO_UPPER_BOUND}
+    # With `reads`: through its read standby, the role from the primary.
     row = (
         reads.read_as_viewer(SELECT_SPAN, params) if reads else read_one(pool, SELECT_SPAN, params)
     )
-    return (row[0], row[1], row[2]) if row else (None, None, None)
+    return (row[0], row[1], row[2], row[3]) if row else (None, 0, None, None)
 
 
 def summarize(
@@ -169,10 +170,10 @@ def summarize(
     bucket_s: int,
     *,
     reads: Reads | None = None,
-) -> tuple[str | None, bytes, int]:
-    """(role, buckets, how many): the non-empty epoch-aligned buckets of `start..end`
-    (inclusive) as `viewer` may see them, in time order, as a JSON array (bytes). Role None:
-    no such viewer."""
+) -> tuple[str | None, bytes, int, int]:
+    """(role, buckets, how many, version): the non-empty epoch-aligned buckets of
+    `start..end` (inclusive) as `viewer` may see them, in time order, as a JSON array
+    (bytes), and the data version they were read at. Role None: no such viewer."""
     params = {
         "viewer": viewer,
         "stride": timedelta(seconds=bucket_s),
@@ -185,9 +186,9 @@ def summarize(
         else read_one(pool, SELECT_SUMMARY, params)
     )
     if row is None:  # an aggregate always answers one row; this is for the type checker
-        return None, b"[]", 0
-    role, count, body = row
-    return role, body.encode(), int(count)
+        return None, b"[]", 0, 0
+    role, count, body, version = row
+    return role, body.encode(), int(count), version
 
 
 # --- the rebuild (init-db) ------------------------------------------------------------------

@@ -128,3 +128,50 @@ def test_the_same_validators_with_the_cache_off(service_factory, clean_db, datab
     reply = get(client, token, etag=tag)  # no cache: the database, at once
     assert reply.status == 200 and reply.headers["ETag"] != tag
     client.close()
+
+
+# --- the summary: the same bookkeeping --------------------------------------------------------
+
+SUMMARY = "/api/data/summary?bucket=1h"
+
+
+def test_the_summary_carries_the_validators_and_answers_304(client, admin_token, database_url):
+    insert_point(database_url, 1.0)
+    reply = within_freshness(
+        lambda: get(client, admin_token, SUMMARY), lambda r: r.json()["buckets"] != []
+    )
+    tag = reply.headers["ETag"]
+    assert reply.headers["Cache-Control"] == "private, no-cache"
+    assert reply.headers["Vary"] == "Authorization, Accept-Encoding"
+    again = get(client, admin_token, SUMMARY, etag=tag)
+    assert again.status == 304 and again.body == b"" and again.headers["ETag"] == tag
+
+
+def test_a_new_point_changes_the_summary_and_its_tag(client, admin_token, database_url):
+    insert_point(database_url, 1.0)
+    first = within_freshness(
+        lambda: get(client, admin_token, SUMMARY), lambda r: r.json()["buckets"] != []
+    )
+    count = sum(bucket["count"] for bucket in first.json()["buckets"])
+    insert_point(database_url, 2.0)
+    reply = within_freshness(
+        lambda: get(client, admin_token, SUMMARY, etag=first.headers["ETag"]),
+        lambda r: r.status == 200,
+    )
+    assert sum(bucket["count"] for bucket in reply.json()["buckets"]) == count + 1
+    assert reply.headers["ETag"] != first.headers["ETag"]
+
+
+def test_the_summary_tag_differs_between_an_admin_and_a_user(client, clean_db, database_url):
+    create_user(clean_db, "root", "root-password", "admin")
+    create_user(clean_db, "alice", "alice-password")
+    admin = login(client, "root", "root-password")["access_token"]
+    user = login(client, "alice", "alice-password")["access_token"]
+    insert_point(database_url, 1.0, valid=False)
+    seen = within_freshness(
+        lambda: get(client, admin, SUMMARY), lambda r: r.json()["buckets"] != []
+    )
+    as_user = get(client, user, SUMMARY)
+    assert as_user.json()["buckets"] == []
+    assert as_user.headers["ETag"] != seen.headers["ETag"]
+    assert get(client, user, SUMMARY, etag=seen.headers["ETag"]).status == 200
