@@ -27,6 +27,7 @@ class Progress:
     def update(self, done: int, total: int) -> None:
         """Show that `done` of `total` rows are done (total may grow)."""
         self.batches += 1
+        total = max(total, done)  # rows may arrive meanwhile: never past a full bar
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = done / elapsed
         left = (total - done) / rate if rate > 0 and total > done else 0.0
