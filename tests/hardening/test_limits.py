@@ -207,8 +207,8 @@ def test_api_data_keeps_answering_during_a_login_flood_at_bcrypt_cost_10(service
     )
     assert outcomes.count(200) >= 10  # the flood really ran bcrypt
     assert set(outcomes) <= {200, 503}  # 503 + Retry-After when no hashing slot frees in time
-    # Loose on purpose (a shared 2-core CI box): within 5x of idle, or under 10 ms anyway.
-    assert ratio <= 5.0 or _p99(busy) < 0.010
+    # Loose on purpose (a shared 2-core CI box, rounds interleaved): within 5x of idle.
+    assert ratio <= 5.0
 
 
 def test_repeated_failed_logins_get_429_with_retry_after_per_username(service, clean_db):
