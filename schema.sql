@@ -473,3 +473,54 @@ CREATE OR REPLACE TRIGGER dataproc_users_changed AFTER UPDATE OR DELETE ON users
   FOR EACH ROW EXECUTE FUNCTION dataproc_notify_user();
 CREATE OR REPLACE TRIGGER dataproc_users_truncated AFTER TRUNCATE ON users
   FOR EACH STATEMENT EXECUTE FUNCTION dataproc_notify_user();
+
+-- When each account was made. Rows that predate this column (the original's, or ours before
+-- sessions) get the moment it was added: now() is stable, so PostgreSQL stores it once as the
+-- column's default for every existing row, without rewriting the table.
+ALTER TABLE users ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now();
+
+-- Sessions (API.md /auth/refresh): a login starts one; its tokens carry its id as `sid`.
+-- `refresh_jti` is the one refresh token of the session that still works: a refresh replaces
+-- it in one UPDATE guarded by the old value, so of two simultaneous refreshes exactly one wins.
+-- `expires_at` follows the current refresh token's `exp`. An ended session keeps its row (with
+-- why) for a day, so that its tokens are told apart from unknown ones; the sweep then deletes it.
+CREATE TABLE IF NOT EXISTS sessions (
+  id text PRIMARY KEY,
+  user_id integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+  refresh_jti text NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  refreshed_at timestamptz,
+  expires_at timestamptz NOT NULL,
+  ended_at timestamptz,
+  end_reason text
+);
+CREATE INDEX IF NOT EXISTS sessions_user_id_idx ON sessions (user_id) WHERE ended_at IS NULL;
+CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON sessions (expires_at);
+CREATE INDEX IF NOT EXISTS sessions_ended_at_idx ON sessions (ended_at) WHERE ended_at IS NOT NULL;
+
+-- Every replica keeps the sessions it has seen live in memory; this NOTIFY is how it hears
+-- that one ended, whoever ended it (a replica, the CLI, plain SQL, a user's cascade delete).
+-- Rows deleted after they ended or expired were announced already or need no word (every
+-- replica checks `expires_at` itself), so the sweep sends nothing.
+-- A TRUNCATE sends '' (no session id is empty): every session.
+CREATE OR REPLACE FUNCTION dataproc_session_ended() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'TRUNCATE' THEN
+    PERFORM pg_notify('dataproc_sessions', '');
+    RETURN NULL;
+  END IF;
+  IF TG_OP = 'DELETE' THEN
+    IF OLD.ended_at IS NULL AND OLD.expires_at > now() THEN
+      PERFORM pg_notify('dataproc_sessions', OLD.id);
+    END IF;
+    RETURN OLD;
+  END IF;
+  IF NEW.ended_at IS NOT NULL AND OLD.ended_at IS NULL THEN
+    PERFORM pg_notify('dataproc_sessions', NEW.id);
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE OR REPLACE TRIGGER dataproc_sessions_ended AFTER UPDATE OF ended_at OR DELETE ON sessions
+  FOR EACH ROW EXECUTE FUNCTION dataproc_session_ended();
+CREATE OR REPLACE TRIGGER dataproc_sessions_truncated AFTER TRUNCATE ON sessions
+  FOR EACH STATEMENT EXECUTE FUNCTION dataproc_session_ended();

@@ -430,9 +430,9 @@ class Config:
     )
     login_wait_s: float = setting(
         "DATAPROC_LOGIN_WAIT_S",
-        5.0,
+        30.0,
         _float_in(0.01, 600),
-        "wait for a password-check slot before a 503",
+        "the longest wait for a password-check slot; a longer expected wait: 503 at once",
         unit="s",
     )
     login_max_failures: int = setting(

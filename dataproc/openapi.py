@@ -201,6 +201,51 @@ SCHEMAS: dict[str, Any] = {
         "required": ["status"],
         "properties": {"status": {"type": "string"}},
     },
+    "LogoutRequest": {
+        "type": "object",
+        "properties": {
+            "refresh_token": {
+                "type": "string",
+                "description": "The session's current refresh token; only read when no "
+                "`Authorization` header is sent.",
+            }
+        },
+    },
+    "PasswordChange": {
+        "type": "object",
+        "required": ["current_password", "new_password"],
+        "properties": {
+            "current_password": {"type": "string", "format": "password"},
+            "new_password": {
+                "type": "string",
+                "format": "password",
+                "description": "8 to 72 bytes of UTF-8, as at signup.",
+            },
+        },
+    },
+    "Account": {
+        "type": "object",
+        "required": ["username", "role", "created_at"],
+        "properties": {
+            "username": {"type": "string"},
+            "role": {"type": "string", "enum": ["user", "admin"]},
+            "created_at": {
+                "type": "string",
+                "format": "date-time",
+                "description": "RFC 3339, UTC.",
+            },
+        },
+    },
+    "UserPatch": {
+        "type": "object",
+        "minProperties": 1,
+        "description": "The role and/or a new password. A reset or a demotion ends the user's "
+        "sessions.",
+        "properties": {
+            "role": {"type": "string", "enum": ["user", "admin"]},
+            "password": {"type": "string", "format": "password", "description": "8 to 72 bytes."},
+        },
+    },
 }
 
 HEADERS: dict[str, Any] = {
@@ -303,6 +348,13 @@ PARAMETERS: dict[str, Any] = {
         "(`text/csv`, `application/x-ndjson`), else NDJSON.",
         "schema": {"type": "string", "enum": ["csv", "ndjson"]},
     },
+    "username": {
+        "name": "username",
+        "in": "path",
+        "required": True,
+        "description": "A username (the signup rule; else 422).",
+        "schema": {"type": "string", "pattern": f"^{rules.USERNAME_PATTERN}$"},
+    },
     "bucket": {
         "name": "bucket",
         "in": "query",
@@ -375,9 +427,14 @@ ERRORS: dict[int, dict] = {
         "Malformed request (query string, duplicated header) or, for login, "
         "incorrect username or password."
     ),
-    401: _error("Missing, expired, tampered or wrong-kind token.", "WWW-Authenticate"),
+    401: _error(
+        "Missing, expired, tampered or wrong-kind token, or its session ended (logout, "
+        "refresh token reuse, password change) or was never there (a token without `sid`).",
+        "WWW-Authenticate",
+    ),
     403: _error("The token's user is not an admin."),
-    409: _error("The username is already taken."),
+    409: _error("The username is already taken, or the last admin would be removed."),
+    404: _error("No such user."),
     413: _error("Request body too large."),
     415: _error("Body is neither application/json nor application/x-www-form-urlencoded."),
     422: _json(
@@ -483,7 +540,10 @@ def _paths() -> dict[str, Any]:
                 "refresh",
                 "auth",
                 "Trade a refresh token for a new pair",
-                "401 for an access token, an expired, tampered or malformed token, or a deleted user.",
+                "Rotation with reuse detection (RFC 9700 §4.14.2): a refresh token works once. "
+                "Presenting a spent one again is reuse: 401, and its whole session ends (of two "
+                "simultaneous refreshes with one token, exactly one gets 200). 401 too for an "
+                "access token, an expired, tampered or malformed token, or a deleted user.",
                 _responses(
                     {"200": _json("A new token pair.", _schema("TokenPair"))},
                     *BODY_ERRORS,
@@ -494,6 +554,7 @@ def _paths() -> dict[str, Any]:
                 security=[],
             )
         },
+        **_session_and_user_paths(),
         "/api/data": {
             "get": _operation(
                 "data",
@@ -693,6 +754,86 @@ def _paths() -> dict[str, Any]:
     }
 
 
+def _no_content(description: str) -> dict[str, Any]:
+    return {"204": {"description": description, "headers": _headers()}}
+
+
+def _session_and_user_paths() -> dict[str, Any]:
+    """Logout, password change and the admin's user endpoints."""
+    user_errors = (400, 401, 403, 404, 409, 422, 503)
+    return {
+        "/auth/logout": {
+            "post": _operation(
+                "logout",
+                "auth",
+                "End this session",
+                "With the bearer access token (or, without one, a body with the refresh token): "
+                "the session ends, its refresh token at once, its access tokens at once on this "
+                "replica and within 1 s on every other. Twice, or with an ended session: 401.",
+                _responses(_no_content("Logged out."), 400, 401, 413, 415, 422, 503),
+                requestBody={**_body("LogoutRequest"), "required": False},
+                security=[*SECURED, {}],
+            )
+        },
+        "/auth/password": {
+            "post": _operation(
+                "change_password",
+                "auth",
+                "Change your password",
+                "Every other session of the user ends; this one stays. A wrong current password "
+                "is a 400 counted by the login throttle (429 past it).",
+                _responses(_no_content("Changed."), *BODY_ERRORS, 401, 429, 503),
+                requestBody=_body("PasswordChange"),
+                security=SECURED,
+            )
+        },
+        "/api/users": {
+            "get": _operation(
+                "list_users",
+                "users",
+                "List users",
+                "Admin only. Ordered by username.",
+                _responses(
+                    {
+                        "200": _json(
+                            "A page of users.", {"type": "array", "items": _schema("Account")}
+                        )
+                    },
+                    400,
+                    401,
+                    403,
+                    422,
+                    503,
+                ),
+                params=("skip", "limit"),
+                security=SECURED,
+            )
+        },
+        "/api/users/{username}": {
+            "patch": _operation(
+                "update_user",
+                "users",
+                "Change a user's role or reset its password",
+                "Admin only. A password reset or a demotion ends the user's sessions. Demoting "
+                "the last admin: 409.",
+                _responses({"200": _json("The user.", _schema("Account"))}, *user_errors, 413, 415),
+                params=("username",),
+                requestBody={"required": True, "content": {JSON: {"schema": _schema("UserPatch")}}},
+                security=SECURED,
+            ),
+            "delete": _operation(
+                "delete_user",
+                "users",
+                "Delete a user",
+                "Admin only. The user's sessions end. Deleting the last admin: 409.",
+                _responses(_no_content("Deleted."), *user_errors),
+                params=("username",),
+                security=SECURED,
+            ),
+        },
+    }
+
+
 @cache
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (one shared dict: do not mutate it)."""
@@ -712,6 +853,7 @@ def document() -> dict[str, Any]:
         "tags": [
             {"name": "auth", "description": "Accounts and tokens."},
             {"name": "data", "description": "Data points."},
+            {"name": "users", "description": "User administration (admins only)."},
             {"name": "service", "description": "Operating the service."},
         ],
         "paths": _paths(),

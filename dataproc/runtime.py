@@ -15,12 +15,13 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from . import __version__, api, ingest, notify, passwords, store, zeroconf
+from . import __version__, api, auth, ingest, notify, passwords, store, zeroconf
 from .config import Config
 from .metrics import Metrics
 from .poller import Poller
 from .server import HttpServer
 from .store import replica
+from .sweeper import SessionSweeper
 from .upkeep import Upkeep
 from .web import make_app
 from .zeroconf import StartupError
@@ -77,7 +78,8 @@ def create_app(
     listener: notify.Listener | None = None,
 ):
     """The request handler of the service (`Request -> Response`), for `server` or embedding;
-    the upstream is `config.upstream_url`.
+    the upstream is `config.upstream_url`. `listener` (one per process) tells the handlers of
+    every session that ends; without one, each token's session is looked up (fail closed).
 
     With `metrics`, populate outcomes are counted and served at /metrics; hand
     `metrics.observe` to the server as its observer so requests are counted too."""
@@ -143,6 +145,7 @@ class Service:
         self.poller: Poller | None = None
         self.upkeep: Upkeep | None = None
         self.reads: replica.Reads | None = None
+        self.sweeper: SessionSweeper | None = None
         self.metrics: Metrics | None = None
         self.listener: notify.Listener | None = None
         self._zeroconf: zeroconf.ZeroConf | None = None
@@ -199,6 +202,9 @@ class Service:
         )
         if self.upkeep.needed:  # partitions made ahead, retention: one replica at a time
             self.upkeep.start()
+        self.sweeper = SessionSweeper(  # one replica at a time, by a lock
+            self.pool, stale_claim_s=auth.claim_stale_s(self.config)
+        ).start()
         self._admin_check = threading.Thread(
             target=warn_if_default_admin,
             args=(self.pool,),
@@ -226,6 +232,8 @@ class Service:
             self.poller.stop()
         if self.upkeep is not None:
             self.upkeep.stop()
+        if self.sweeper is not None:
+            self.sweeper.stop()
         if self.listener is not None:
             self.listener.stop()
         if self._admin_check is not None:

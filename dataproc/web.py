@@ -115,13 +115,17 @@ Handler = Callable[[Request], Response]
 
 
 class Router:
-    """Static paths to handlers per method; GET implies HEAD."""
+    """Paths to handlers per method; GET implies HEAD. A path segment `{name}` in a template
+    matches any one non-empty segment (`path_param` reads it); static paths win."""
 
     def __init__(self) -> None:
         self._routes: dict[str, dict[str, Handler]] = {}
+        self._templates: list[tuple[str, ...]] = []  # the templated paths, split at "/"
 
     def add(self, method: str, path: str, handler: Handler) -> None:
         """Serve `method path` with `handler`."""
+        if "{" in path and path not in self._routes:
+            self._templates.append(tuple(path.split("/")))
         methods = self._routes.setdefault(path, {})
         methods[method] = handler
         if method == "GET":
@@ -135,14 +139,39 @@ class Router:
 
     def match(self, method: str, path: str) -> tuple[Handler, str]:
         """The handler and route template for a request, or an `ApiError` 404/405."""
-        methods = self._routes.get(path)
-        if methods is None:
+        template = path if path in self._routes else self._template_of(path)
+        if template is None:
             raise ApiError(404, "Not Found")
+        methods = self._routes[template]
         handler = methods.get(method)
         if handler is None:
             allow = ", ".join(sorted(methods))
             raise ApiError(405, "Method Not Allowed", {"Allow": allow})
-        return handler, path
+        return handler, template
+
+    def _template_of(self, path: str) -> str | None:
+        segments = path.split("/")
+        for template in self._templates:
+            if _segments_match(template, segments):
+                return "/".join(template)
+        return None
+
+
+def _segments_match(template: tuple[str, ...], segments: list[str]) -> bool:
+    if len(template) != len(segments):
+        return False
+    return all(
+        (part.startswith("{") and part.endswith("}") and value) or part == value
+        for part, value in zip(template, segments, strict=True)
+    )
+
+
+def path_param(request: Request, name: str) -> str:
+    """The value of `{name}` in the route the request matched (the path is already unquoted)."""
+    for part, value in zip(request.route.split("/"), request.path.split("/"), strict=False):
+        if part == "{" + name + "}":
+            return value
+    raise KeyError(name)
 
 
 def make_app(router: Router) -> Handler:

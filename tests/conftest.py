@@ -56,7 +56,9 @@ def clean_db(pool):
     """Empty tables and the schema re-applied (the default admin back), before the test."""
     with store.connection(pool) as conn:
         # dataproc_state too: it records that the default admin was seeded, once per database.
-        conn.execute("TRUNCATE data_points, rejects, users, dataproc_state RESTART IDENTITY")
+        conn.execute(
+            "TRUNCATE data_points, rejects, sessions, users, dataproc_state RESTART IDENTITY"
+        )
     store.apply_schema(pool, TEST_PARTITION)
     return pool
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from ..errors import ApiError
 from ..web import Request, Response, Router
-from . import accounts, data, export, ingestion, service, summary
+from . import accounts, data, export, ingestion, service, sessions, summary, users
 from .context import Context
 from .params import decode_cursor, encode_cursor, parse_data_query
 
@@ -29,6 +29,8 @@ __all__ = [
 Handler = Callable[[Request, Context], Response]
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     *accounts.ROUTES,
+    *sessions.ROUTES,
+    *users.ROUTES,
     *data.ROUTES,
     *summary.ROUTES,
     *export.ROUTES,

@@ -1,4 +1,5 @@
-"""`/auth/signup`, `/auth/login`, `/auth/refresh`: accounts and token pairs."""
+"""`/auth/signup`, `/auth/login`, `/auth/refresh`: accounts, sessions and token pairs, and
+the signup rules for a username and a password that the other account endpoints share."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from .. import auth, rules, store
 from ..errors import ApiError, ValidationError, problem
+from ..store import sessions as session_store
 from ..web import Request, Response, read_body
 from .context import Context
 
@@ -29,30 +31,44 @@ def _string_fields(
     return values, problems
 
 
+def username_problem(where: str, name: str = "username") -> dict:
+    """The 422 entry of a username that breaks the signup rule (`rules.USERNAME`)."""
+    return problem(where, name, rules.USERNAME_RULE, "string_pattern_mismatch")
+
+
+def password_problem(password: str, name: str, ctx: Context) -> dict | None:
+    """The 422 entry of a new password that breaks the signup rule, or None."""
+    minimum = ctx.config.password_min_bytes
+    if rules.password_fits(password, minimum):
+        return None
+    kind = "string_too_short" if len(password.encode()) < minimum else "string_too_long"
+    return problem("body", name, rules.password_rule(minimum), kind)
+
+
 def signup(request: Request, ctx: Context) -> Response:
-    """POST /auth/signup: create a user (never an admin)."""
+    """POST /auth/signup: create a user (never an admin). The name is claimed before the
+    password is hashed, so a burst of signups of one name costs one hash (API.md Bursts)."""
     values, problems = _string_fields(_body(request, ctx), ("username", "password"))
     if "username" in values and not rules.USERNAME.fullmatch(values["username"]):
-        problems.append(problem("body", "username", rules.USERNAME_RULE, "string_pattern_mismatch"))
-    minimum = ctx.config.password_min_bytes
-    if "password" in values and not rules.password_fits(values["password"], minimum):
-        too_short = len(values["password"].encode()) < minimum
-        problems.append(
-            problem(
-                "body",
-                "password",
-                rules.password_rule(minimum),
-                "string_too_short" if too_short else "string_too_long",
-            )
-        )
+        problems.append(username_problem("body"))
+    if "password" in values and (bad := password_problem(values["password"], "password", ctx)):
+        problems.append(bad)
     if problems:
         raise ValidationError(problems)
     username = values["username"]
-    if store.get_user(ctx.pool, username) is None:  # spare a bcrypt hash for a taken name
+    # A claim older than any signup can take was left by a process that died between claim
+    # and hash: it may be claimed again.
+    user_id = session_store.claim_username(ctx.pool, username, auth.claim_stale_s(ctx.config))
+    if user_id is None:
+        raise ApiError(409, "username already taken")
+    try:
         hashed = ctx.checker.hash(values["password"])
-        if store.create_user(ctx.pool, username, hashed, "user"):
-            return Response.json({"username": username, "role": "user"}, 201)
-    raise ApiError(409, "username already taken")
+    except BaseException:
+        session_store.release_claim(ctx.pool, user_id)  # a 503 from the queue: the name is free
+        raise
+    if not session_store.complete_claim(ctx.pool, user_id, hashed):
+        raise ApiError(409, "username already taken")
+    return Response.json({"username": username, "role": "user"}, 201)
 
 
 def login(request: Request, ctx: Context) -> Response:
@@ -69,17 +85,17 @@ def login(request: Request, ctx: Context) -> Response:
         ctx.throttle.failed(username, request.client, now)
         raise ApiError(400, "Incorrect username or password")
     ctx.throttle.succeeded(username)
-    return Response.json(auth.issue_tokens(ctx.config, user.username, user.role, now))
+    return Response.json(auth.start_session(ctx.config, ctx.pool, user, now))
 
 
 def refresh(request: Request, ctx: Context) -> Response:
-    """POST /auth/refresh: a refresh token to a new pair (the user must still exist)."""
+    """POST /auth/refresh: spend a refresh token for the next pair of its session (the
+    user must still exist); a spent one ends the session."""
     values, problems = _string_fields(_body(request, ctx), ("refresh_token",))
     if problems:
         raise ValidationError(problems)
-    now = ctx.clock()
-    caller = auth.verify_token(ctx.config, ctx.pool, values["refresh_token"], auth.REFRESH, now)
-    return Response.json(auth.issue_tokens(ctx.config, caller.username, caller.role, now))
+    token, now = values["refresh_token"], ctx.clock()
+    return Response.json(auth.refresh_session(ctx.config, ctx.pool, ctx.sessions, token, now))
 
 
 ROUTES = (

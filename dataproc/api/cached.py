@@ -38,7 +38,7 @@ def cached_read(
     the rules allow); a 304 when `If-None-Match` holds its tag. `username`: the token's
     subject when the handler checked the token already (401 before 422)."""
     if username is None:
-        username = auth.access_token_subject(request, ctx.config, ctx.clock())
+        username = auth.access_token_subject(request, ctx.config, ctx.sessions, ctx.clock())
     key = (request.route or request.path, *key_parts)
     validators = ",".join(request.headers.get("if-none-match", ()))
     cache = ctx.cache

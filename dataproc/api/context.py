@@ -1,5 +1,5 @@
 """What every handler is handed: the configuration (the upstream among it), the pool, the one
-clock every time decision reads, and the login guards."""
+clock every time decision reads, the login guards and the live sessions."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from ..store.replica import Reads
 @dataclass
 class Context:
     """What handlers need: the resolved configuration (its `upstream_url` is the upstream), the
-    pool, the clock (tokens, throttling and ingestion all read this one, so a test can move
-    time), and the login guards."""
+    pool, the clock (tokens, sessions, throttling and ingestion all read this one, so a test
+    can move time), the login guards, the record of live sessions and the export slots."""
 
     config: Config
     pool: ConnectionPool
@@ -34,6 +34,7 @@ class Context:
     listener: notify.Listener | None = None
     throttle: auth.LoginThrottle = field(init=False)
     checker: auth.PasswordChecker = field(init=False)
+    sessions: auth.SessionRegistry = field(init=False)
     exports: threading.BoundedSemaphore = field(init=False)  # slots of concurrent exports
     # Answers of reads and the roles of callers (DATAPROC_CACHE); serves nothing while
     # `listener` is unhealthy or absent.
@@ -46,6 +47,7 @@ class Context:
             self.config.login_max_failures, self.config.login_window_s
         )
         self.checker = auth.PasswordChecker(self.config)
+        self.sessions = auth.SessionRegistry(self.pool, self.listener)
         self.exports = threading.BoundedSemaphore(self.config.export_slots)
         self.cache = ReadCache(
             self.listener,

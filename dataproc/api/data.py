@@ -17,7 +17,8 @@ from .params import DataQuery, encode_cursor, parse_data_query
 
 def data(request: Request, ctx: Context) -> Response:
     """GET /api/data: a page of points; users see valid points only."""
-    username = auth.access_token_subject(request, ctx.config, ctx.clock())  # 401 before 422
+    # 401 before 422
+    username = auth.access_token_subject(request, ctx.config, ctx.sessions, ctx.clock())
     query = parse_data_query(request)
     # The raw start/end too: the Link header repeats them as the client wrote them.
     raw = tuple(

@@ -28,7 +28,7 @@ RETRY_AFTER_S = "5"  # an export slot frees when one finishes: a guess, not a pr
 
 def export(request: Request, ctx: Context) -> Response:
     """GET /api/data/export: the window as a stream of CSV or NDJSON lines."""
-    username = auth.access_token_subject(request, ctx.config, ctx.clock())
+    username = auth.access_token_subject(request, ctx.config, ctx.sessions, ctx.clock())
     problems: list[dict] = []
     start, end = parse_window(request, problems)
     fmt = _format(request, problems)

@@ -15,7 +15,8 @@ _FAILURE_STATUS = {"unconfigured": 503, "timeout": 504, "unreachable": 502, "inv
 
 def populate(request: Request, ctx: Context) -> Response:
     """GET|POST /api/populate: fetch, process and store one point (or `count` points)."""
-    auth.require_admin(auth.current_caller(request, ctx.config, ctx.pool, ctx.clock()))
+    caller = auth.current_caller(request, ctx.config, ctx.pool, ctx.sessions, ctx.clock())
+    auth.require_admin(caller)
     problems: list[dict] = []
     count = integer_param(single_param(request, "count", problems), "count", rules.COUNT, problems)
     if problems:

@@ -169,7 +169,7 @@ def _compute(ctx: Context, query: SummaryQuery, username: str) -> Answer:
 def summary(request: Request, ctx: Context) -> Response:
     """GET /api/data/summary: non-empty epoch-aligned buckets of the visible points, with
     the read cache, `ETag` and 304 of `/api/data`."""
-    username = auth.access_token_subject(request, ctx.config, ctx.clock())
+    username = auth.access_token_subject(request, ctx.config, ctx.sessions, ctx.clock())
     query = parse_summary_query(request)
     key = (query.start, query.end, query.bucket_s)
     return cached_read(

@@ -284,7 +284,7 @@ def test_tokens_are_hs256_jws_with_the_contract_claims(client, clean_db):
         head, payload, signature = pair[f"{kind}_token"].split(".")
         assert json.loads(unb64url(head)) == {"alg": "HS256", "typ": "JWT"}
         claims = json.loads(unb64url(payload))
-        assert set(claims) == {"sub", "role", "type", "iat", "exp", "jti"}
+        assert set(claims) == {"sub", "role", "type", "iat", "exp", "jti", "sid"}
         assert (claims["sub"], claims["role"], claims["type"]) == ("carol", "admin", kind)
         assert abs(claims["iat"] - time.time()) < 60 and claims["exp"] > claims["iat"]
         # Any standard library verifies it: HMAC-SHA256 over "header.payload" with the key.
@@ -488,7 +488,10 @@ def test_a_token_in_the_query_string_is_refused(client, user_token):
 
 def test_a_standard_libraries_hs256_token_with_the_right_key_is_accepted(client, clean_db):
     create_user(clean_db, "carol", "carol-password")
-    reply = client.get("/api/data", token=hand_token(claims_for("carol"), ACCESS_KEY))
+    pair = login(client, "carol", "carol-password")  # a live session for the token to name
+    sid = json.loads(unb64url(pair["access_token"].split(".")[1]))["sid"]
+    token = hand_token({**claims_for("carol"), "sid": sid}, ACCESS_KEY)
+    reply = client.get("/api/data", token=token)
     assert reply.status == 200 and reply.json() == []
 
 

@@ -70,6 +70,6 @@ def test_postman_collection_passes_under_newman(service, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     run = json.loads(report.read_text())["run"]
-    assert run["stats"]["requests"]["total"] == 7
+    assert run["stats"]["requests"]["total"] == 15
     assert run["stats"]["assertions"]["failed"] == 0
-    assert run["stats"]["assertions"]["total"] == 7
+    assert run["stats"]["assertions"]["total"] == 15

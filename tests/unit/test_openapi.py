@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 import string
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pytest
 
@@ -20,7 +20,7 @@ from dataproc import api, openapi, passwords, rules
 from dataproc.api.params import DataQuery
 from dataproc.config import Config
 from dataproc.metrics import Metrics
-from support import Client, make_config
+from support import Client, create_user, make_config
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -287,7 +287,7 @@ def check_reply(doc: dict, key: tuple[str, str], op: dict, reply) -> None:
 
 
 def test_seeded_fuzz_of_every_operation_gets_only_documented_statuses(
-    service, admin_token, user_token
+    service, admin_token, user_token, clean_db
 ):
     doc = openapi.document()
     rng = random.Random(20240422)
@@ -298,20 +298,45 @@ def test_seeded_fuzz_of_every_operation_gets_only_documented_statuses(
         "/auth/login", form={"username": "root", "password": "root-password"}
     ).json()["refresh_token"]
     names = iter(range(10_000))
+    # Logout and password change end sessions: they get tokens of a session of their own, and
+    # the user endpoints change "victim", so the fuzz keeps the tokens it shares.
+    create_user(clean_db, "fuzzer", "fuzzer-password")
+    create_user(clean_db, "victim", "victim-password")
+
+    # Made before the fuzz: its failed logins soon throttle logins from this address.
+    own = [
+        client.post("/auth/login", form={"username": "fuzzer", "password": "fuzzer-password"})
+        for _ in range(40)
+    ]
+
+    def own_session() -> dict:
+        return (own.pop() if len(own) > 1 else own[0]).json()
+
     good_bodies = {
         "/auth/signup": lambda: {"username": f"fuzz-{next(names)}", "password": "long-enough-pw"},
         "/auth/login": lambda: {"username": "root", "password": "root-password"},
         "/auth/refresh": lambda: {"refresh_token": refresh_token},
+        "/auth/logout": lambda: {"refresh_token": own_session()["refresh_token"]},
+        "/auth/password": lambda: {
+            "current_password": "fuzzer-password",
+            "new_password": "fuzzer-password",
+        },
+        "/api/users/{username}": lambda: rng.choice([{"role": "user"}, {"password": "pw-12345"}]),
     }
     seen: dict[tuple[str, str], set[int]] = {}
     try:
-        for _ in range(300):
+        # About forty tries per operation, however many the document has: each must reach
+        # its handler's success and refusal paths, not only the front door.
+        for _ in range(40 * len(operations)):
             key, op = rng.choice(operations)
             method, path = key
             params = [resolve(doc, p) for p in op.get("parameters", [])]
             query, headers = [], {}
             for param in params:
-                if rng.random() < 0.6:
+                if param["in"] == "path":
+                    name = rng.choice(["victim", parameter_values(doc, param, rng)])
+                    path = path.replace("{" + param["name"] + "}", quote(name, safe=""))
+                elif rng.random() < 0.6:
                     value = parameter_values(doc, param, rng)
                     if param["in"] == "query":
                         query.append((param["name"], value))
@@ -321,10 +346,12 @@ def test_seeded_fuzz_of_every_operation_gets_only_documented_statuses(
                         headers[param["name"]] = value.encode()
             body = None
             if "requestBody" in op:
-                body, body_headers = body_for(good_bodies[path](), rng)
+                body, body_headers = body_for(good_bodies[key[1]](), rng)
                 headers.update(body_headers)
             target = path + ("?" + urlencode(query) if query else "")
             token = rng.choice(tokens) if op.get("security") else None
+            if path in ("/auth/logout", "/auth/password"):
+                token = rng.choice([own_session()["access_token"], None, "not.a.token"])
             reply = client.request(method, target, body=body, headers=headers, token=token)
             check_reply(doc, key, op, reply)
             seen.setdefault(key, set()).add(reply.status)

@@ -144,6 +144,30 @@ def test_schema_applies_over_the_original_init_sql_and_keeps_its_rows_readable(f
         pool.close()
 
 
+def test_sessions_work_over_the_original_init_sql_and_its_users_get_a_created_at(fresh_database):
+    from datetime import UTC, datetime, timedelta
+
+    from dataproc.store import sessions as session_store
+
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        conn.execute(ORIGINAL_INIT_SQL)
+    pool = store.make_pool(fresh_database, max_size=2, wait_s=5)
+    store.open_pool(pool, 10)
+    try:
+        store.apply_schema(pool)
+        store.apply_schema(pool)
+        accounts = session_store.list_users(pool, 0, 10)
+        assert [(a.username, a.role) for a in accounts] == [("admin", "admin")]
+        assert accounts[0].created_at is not None  # backfilled when the column was added
+        expires = datetime.now(UTC) + timedelta(days=1)
+        session_store.start_session(pool, 0, "sid-of-admin", "jti", expires)  # the original's id 0
+        assert session_store.live_session_expiry(pool, "sid-of-admin") is not None
+        with pytest.raises(session_store.LastAdmin):
+            session_store.delete_user(pool, "admin")
+    finally:
+        pool.close()
+
+
 def test_the_original_service_can_still_write_to_a_migrated_database(fresh_database):
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute(ORIGINAL_INIT_SQL)

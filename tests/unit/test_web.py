@@ -17,6 +17,7 @@ from dataproc.web import (
     Router,
     error_response,
     make_app,
+    path_param,
     read_body,
 )
 
@@ -111,6 +112,44 @@ def test_an_explicit_head_handler_is_not_replaced_by_a_later_get():
 
 def test_methods_are_case_sensitive(router):
     assert status_of(lambda: router.match("get", "/api/data")).status == 405
+
+
+def templated_router() -> Router:
+    router = Router()
+    router.add("GET", "/api/users", handler_named("list"))
+    router.add("PATCH", "/api/users/{username}", handler_named("patch"))
+    router.add("DELETE", "/api/users/{username}", handler_named("delete"))
+    router.add("GET", "/api/users/me", handler_named("me"))  # a static path wins
+    return router
+
+
+def test_a_path_parameter_matches_one_segment_and_reports_the_template():
+    router = templated_router()
+    handler, route = router.match("PATCH", "/api/users/alice")
+    assert (handler.__name__, route) == ("patch", "/api/users/{username}")
+    assert router.match("DELETE", "/api/users/a@b.c")[0].__name__ == "delete"
+    assert router.match("GET", "/api/users/me")[0].__name__ == "me"
+    assert router.match("GET", "/api/users")[0].__name__ == "list"
+
+
+def test_a_path_parameter_never_matches_an_empty_or_extra_segment():
+    router = templated_router()
+    for path in ("/api/users/", "/api/users/alice/x", "/api/users//"):
+        assert status_of(lambda path=path: router.match("PATCH", path)).status == 404
+
+
+def test_a_templated_path_answers_405_with_its_methods():
+    error = status_of(lambda: templated_router().match("GET", "/api/users/alice"))
+    assert error.status == 405 and error.headers["Allow"] == "DELETE, PATCH"
+
+
+def test_path_param_reads_the_value_from_the_matched_template():
+    router = templated_router()
+    request = Request("PATCH", "/api/users/ann@example.org", {}, {})
+    request.route = router.match(request.method, request.path)[1]
+    assert path_param(request, "username") == "ann@example.org"
+    with pytest.raises(KeyError):
+        path_param(request, "other")
 
 
 def test_routes_lists_each_path_with_its_methods_and_head_left_implicit(router):
