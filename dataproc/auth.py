@@ -110,11 +110,50 @@ def _instant(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
+class VerifiedTokens:
+    """Access tokens whose signature and claims checked out, so that a client polling with
+    one token pays the HMAC and the JSON parse once (a sixth of a cached read's CPU).
+
+    Keyed by the signing key and the whole token text, so only that exact token, verified
+    with that key, can hit; a hit still re-checks the time and the type (`jwt.check_claims`),
+    and the session is checked by the caller on every request as before. Bounded (LRU)."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._entries: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def get(self, key: str, token: str) -> dict[str, Any] | None:
+        """The claims of `token` verified with `key` before, or None."""
+        with self._lock:
+            claims = self._entries.get((key, token))
+            if claims is not None:
+                self._entries.move_to_end((key, token))
+            return claims
+
+    def put(self, key: str, token: str, claims: dict[str, Any]) -> None:
+        """Remember a token that verified with `key` and passed every check."""
+        with self._lock:
+            self._entries[(key, token)] = claims
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+
+VERIFIED = VerifiedTokens()
+LEEWAY_S = 5  # clock skew between replicas that a token's times may have
+
+
 def token_claims(config: Config, token: str, kind: str, now: float) -> dict[str, Any]:
     """The claims of a token that verifies at `now`, has the right type, a subject and a
-    session (no database). A token without `sid` was issued before sessions existed: refused."""
+    session (no database). A token without `sid` was issued before sessions existed: refused.
+    Access tokens verified before skip the signature (see `VerifiedTokens`)."""
+    key = signing_key(config, kind)
+    remembered = VERIFIED.get(key, token) if kind == ACCESS else None
     try:
-        claims = jwt.decode(token, signing_key(config, kind), now=now, leeway=5, expected_type=kind)
+        if remembered is not None:
+            jwt.check_claims(remembered, now=now, leeway=LEEWAY_S, expected_type=kind)
+            return remembered
+        claims = jwt.decode(token, key, now=now, leeway=LEEWAY_S, expected_type=kind)
     except jwt.InvalidToken as error:
         raise Unauthorized(f"invalid token: {error.reason}", token_sent=True) from None
     if not isinstance(claims.get("sub"), str):
@@ -123,6 +162,8 @@ def token_claims(config: Config, token: str, kind: str, now: float) -> dict[str,
         raise Unauthorized("invalid token: no session (log in again)", token_sent=True)
     if kind == REFRESH and not isinstance(claims.get("jti"), str):
         raise Unauthorized("invalid token: no token id", token_sent=True)
+    if kind == ACCESS:
+        VERIFIED.put(key, token, claims)
     return claims
 
 

@@ -162,7 +162,13 @@ def _numeric_date(claims: dict, name: str) -> None:
         raise InvalidToken(f"invalid {name} claim")
 
 
-def _check_claims(claims: dict, now: float, leeway: float, expected_type: str | None) -> None:
+def check_claims(
+    claims: dict, *, now: float, leeway: float = 0.0, expected_type: str | None = None
+) -> None:
+    """The checks of `decode` that depend on the time and the type, for claims whose signature
+    was verified before (a caller that remembers verified tokens re-checks them with this)."""
+    if not (math.isfinite(now) and math.isfinite(leeway) and leeway >= 0):
+        raise ValueError("now and leeway must be finite, leeway >= 0")
     if "exp" not in claims:
         raise InvalidToken("missing exp claim")
     for name in _NUMERIC_DATES:
@@ -190,7 +196,8 @@ def decode(
     expected_type: str | None = None,
 ) -> dict:
     """Verify an HS256 compact JWS and return its claims; raise InvalidToken otherwise."""
-    # A NaN clock would make every comparison false, so every token valid: fail loudly instead.
+    # A NaN clock would make every comparison false, so every token valid: fail loudly instead
+    # (check_claims says so again, after the signature).
     if not (math.isfinite(now) and math.isfinite(leeway) and leeway >= 0):
         raise ValueError("now and leeway must be finite, leeway >= 0")
     signing_input, (raw_header, raw_claims, signature) = _split(token)
@@ -198,5 +205,5 @@ def decode(
     _check_signature(signing_input, signature, key)
     # Claims are parsed only once the signature proves we wrote them.
     claims = _load_object(raw_claims, "claims")
-    _check_claims(claims, now, leeway, expected_type)
+    check_claims(claims, now=now, leeway=leeway, expected_type=expected_type)
     return claims

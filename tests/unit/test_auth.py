@@ -170,3 +170,45 @@ def test_the_login_throttle_window_runs_on_the_context_clock(moved):
     assert client.post("/auth/login", form=right).status == 429
     clock.now += config.login_window_s + 1
     assert client.post("/auth/login", form=right).status == 200
+
+
+# --- verified access tokens, remembered ----------------------------------------------------
+
+
+def test_a_remembered_access_token_is_still_refused_once_it_expires():
+    from dataproc import auth
+    from dataproc.config import Config
+
+    config = Config(jwt_secret_key="k" * 40, jwt_refresh_secret_key="r" * 40, access_ttl_s=60)
+    pair = auth.issue_tokens(config, "alice", "user", 1_000_000.0, "sid-1", "jti-1")
+    token = pair["access_token"]
+    assert auth.token_claims(config, token, auth.ACCESS, 1_000_010.0)["sub"] == "alice"
+    assert auth.VERIFIED.get("k" * 40, token) is not None  # remembered
+    with pytest.raises(auth.Unauthorized, match="expired"):
+        auth.token_claims(config, token, auth.ACCESS, 1_000_000.0 + 60 + auth.LEEWAY_S)
+
+
+def test_a_remembered_token_is_not_accepted_under_another_key_or_as_another_type():
+    from dataproc import auth
+    from dataproc.config import Config
+
+    config = Config(jwt_secret_key="k" * 40, jwt_refresh_secret_key="r" * 40)
+    other = Config(jwt_secret_key="o" * 40, jwt_refresh_secret_key="p" * 40)
+    token = auth.issue_tokens(config, "alice", "user", 1_000_000.0, "sid-2", "jti-2")[
+        "access_token"
+    ]
+    auth.token_claims(config, token, auth.ACCESS, 1_000_001.0)
+    with pytest.raises(auth.Unauthorized, match="signature"):
+        auth.token_claims(other, token, auth.ACCESS, 1_000_001.0)
+    with pytest.raises(auth.Unauthorized):
+        auth.token_claims(config, token, auth.REFRESH, 1_000_001.0)
+
+
+def test_the_remembered_tokens_are_bounded():
+    from dataproc.auth import VerifiedTokens
+
+    tokens = VerifiedTokens(max_entries=3)
+    for i in range(5):
+        tokens.put("key", f"token-{i}", {"i": i})
+    assert tokens.get("key", "token-0") is None and tokens.get("key", "token-1") is None
+    assert tokens.get("key", "token-4") == {"i": 4}

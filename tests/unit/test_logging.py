@@ -9,18 +9,21 @@ subprocess on a free port, with its stderr captured to a file and read after a c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from dataproc import logs
 from support import ACCESS_KEY, REFRESH_KEY, Client, create_user, login
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -293,3 +296,72 @@ def test_passwords_tokens_and_secret_query_strings_never_reach_the_log(
     secrets += tokens + [token.rsplit(".", 1)[1] for token in tokens]  # each signature alone too
     leaked = [secret for secret in secrets if secret in log]
     assert leaked == [], "secrets found in the log"
+
+
+# --- the background writer ----------------------------------------------------------------
+
+
+class _Collect(logging.Handler):
+    """A handler that keeps what it is handed, and in which thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+        self.threads: set[str] = set()
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+        self.threads.add(threading.current_thread().name)
+
+
+def _logger(handler: logging.Handler) -> logging.Logger:
+    logger = logging.getLogger(f"dataproc.test.{uuid.uuid4().hex}")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def test_the_background_handler_writes_in_order_from_its_own_thread_once_flushed():
+    target = _Collect()
+    handler = logs.BackgroundHandler(target)
+    logger = _logger(handler)
+    values = ["first"]
+    logger.info("line %s", values)
+    values.append("changed later")  # the line was formatted when it was logged
+    for number in range(100):
+        logger.info("n=%d", number)
+    handler.flush()
+    assert target.lines == ["line ['first']"] + [f"n={n}" for n in range(100)]
+    assert target.threads == {"dataproc-log"}
+    handler.close()
+
+
+def test_closing_the_background_handler_writes_what_is_queued_then_writes_at_once():
+    target = _Collect()
+    handler = logs.BackgroundHandler(target)
+    logger = _logger(handler)
+    for number in range(50):
+        logger.info("n=%d", number)
+    handler.close()
+    assert target.lines == [f"n={n}" for n in range(50)]
+    logger.info("after close")
+    assert target.lines[-1] == "after close"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only (os.fork)")
+def test_a_forked_child_writes_its_own_lines_and_none_of_the_parents(tmp_path):
+    out = tmp_path / "child.log"
+    stream = out.open("w", encoding="utf-8")  # closed by the handler
+    handler = logs.BackgroundHandler(logging.StreamHandler(stream))
+    logger = _logger(handler)
+    logger.info("parent before fork")
+    handler.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: log, close (as a worker's logging.shutdown does), leave
+        logger.info("child line")
+        handler.close()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    handler.close()
+    assert out.read_text(encoding="utf-8").splitlines() == ["parent before fork", "child line"]

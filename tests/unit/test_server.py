@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from dataproc import exchange as exchange_module
 from dataproc import server as server_module
 from dataproc.config import Config
 from dataproc.errors import ApiError
@@ -406,10 +407,10 @@ def test_http_2_0_gets_a_json_505(server):
 def test_no_stdlib_http_server_handler_runs_so_none_can_answer_in_html():
     # `BaseHTTPRequestHandler.send_error` writes HTML and the stdlib calls it itself; the
     # server uses no `http.server` class at all, so that path cannot be reached.
-    tree = ast.parse(inspect.getsource(server_module))
     imported = {
         node.module if isinstance(node, ast.ImportFrom) else alias.name
-        for node in ast.walk(tree)
+        for module in (server_module, exchange_module)
+        for node in ast.walk(ast.parse(inspect.getsource(module)))
         if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in node.names
     }
