@@ -16,6 +16,91 @@ CREATE TABLE IF NOT EXISTS users (
   role varchar NOT NULL DEFAULT 'user'
 );
 
+-- The partitioned layout (DATAPROC_PARTITION=day|week|month, handed in by the service as the
+-- transaction's setting `dataproc.partition`): made only when there is no data_points yet, so
+-- the plain CREATE below is then a no-op. An existing plain table stays plain until
+-- `dataproc migrate-partitions` converts it.
+-- The partitioned table of points under the name `rel` (data_points, or data_points_new while
+-- `migrate-partitions` copies into it): range-partitioned on time, a DEFAULT partition that
+-- takes whatever no partition covers (a backfill never fails), the same columns, column order
+-- and types as the plain table (ids from the same sequence, so a migration's copy keeps them).
+CREATE OR REPLACE FUNCTION dataproc_create_partitioned(rel text) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  CREATE SEQUENCE IF NOT EXISTS data_points_id_seq AS integer;
+  EXECUTE format(
+    'CREATE TABLE %I (
+       id integer NOT NULL DEFAULT nextval(''data_points_id_seq''),
+       time timestamptz NOT NULL,
+       value double precision NOT NULL,
+       valid boolean NOT NULL,
+       tags varchar[],
+       source_document text,
+       document_sha256 bytea,
+       ingested_at timestamptz NOT NULL DEFAULT now(),
+       CONSTRAINT %I PRIMARY KEY (id, time),
+       CONSTRAINT %I UNIQUE (document_sha256, time)
+     ) PARTITION BY RANGE (time)',
+    rel, rel || '_pkey', rel || '_document_sha256_time_key');
+  EXECUTE format('CREATE TABLE data_points_default PARTITION OF %I DEFAULT', rel);
+  EXECUTE format('CREATE INDEX %I ON %I (time, id)', rel || '_time_id_idx', rel);
+  EXECUTE format('CREATE INDEX %I ON %I (time, id) WHERE valid', rel || '_valid_time_id_idx', rel);
+END $fn$;
+
+-- The partition of `parent` holding `at` (step 'day', 'week' (ISO, from Monday) or 'month',
+-- in UTC), made when missing; its name when it was made, else NULL. Points of its range that
+-- the DEFAULT partition took meanwhile move into it first (same transaction, straight between
+-- the two partitions: no trigger on data_points fires, since no point changed).
+CREATE OR REPLACE FUNCTION dataproc_ensure_partition(parent regclass, step text, at timestamptz)
+RETURNS text LANGUAGE plpgsql AS $fn$
+DECLARE
+  lower timestamptz := date_trunc(step, at, 'UTC');
+  -- Whole days and months in UTC, whatever the session's time zone (its DST would move them).
+  upper timestamptz := ((lower AT TIME ZONE 'UTC') + ('1 ' || step)::interval) AT TIME ZONE 'UTC';
+  name text := 'data_points_' || left(step, 1)
+    || to_char(lower AT TIME ZONE 'UTC', CASE step WHEN 'month' THEN 'YYYYMM' ELSE 'YYYYMMDD' END);
+  fallback regclass;
+BEGIN
+  IF step NOT IN ('day', 'week', 'month') THEN
+    RAISE EXCEPTION 'partition step must be day, week or month, not %', step;
+  END IF;
+  IF to_regclass(name) IS NOT NULL THEN
+    RETURN NULL;
+  END IF;
+  SELECT c.oid INTO fallback FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+  WHERE i.inhparent = parent AND c.relpartbound IS NOT NULL
+    AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT';
+  EXECUTE format('CREATE TABLE %I (LIKE %s INCLUDING DEFAULTS)', name, parent);
+  IF fallback IS NOT NULL THEN
+    EXECUTE format('INSERT INTO %I SELECT * FROM %s WHERE time >= %L AND time < %L',
+                   name, fallback, lower, upper);
+    EXECUTE format('DELETE FROM %s WHERE time >= %L AND time < %L', fallback, lower, upper);
+  END IF;
+  EXECUTE format('ALTER TABLE %s ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
+                 parent, name, lower, upper);
+  RETURN name;
+END $fn$;
+
+-- This period's partition and the next three, from `at` on (the service's upkeep job calls it
+-- again every hour, under an advisory lock); the names it made.
+CREATE OR REPLACE FUNCTION dataproc_partitions_ahead(parent regclass, step text, at timestamptz)
+RETURNS SETOF text LANGUAGE sql AS $fn$
+  SELECT made FROM generate_series(0, 3) n,
+    LATERAL dataproc_ensure_partition(
+      parent, step, ((at AT TIME ZONE 'UTC') + n * ('1 ' || step)::interval) AT TIME ZONE 'UTC') made
+  WHERE made IS NOT NULL
+$fn$;
+
+DO $$
+DECLARE
+  step text := coalesce(nullif(current_setting('dataproc.partition', true), ''), 'none');
+BEGIN
+  IF step <> 'none' AND to_regclass('data_points') IS NULL THEN
+    PERFORM dataproc_create_partitioned('data_points');
+    ALTER SEQUENCE data_points_id_seq OWNED BY data_points.id;
+    PERFORM dataproc_partitions_ahead('data_points', step, now());
+  END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS data_points (
   id serial PRIMARY KEY,
   time timestamptz NOT NULL,
@@ -39,7 +124,24 @@ END $$;
 ALTER TABLE data_points ADD COLUMN IF NOT EXISTS source_document text;
 ALTER TABLE data_points ADD COLUMN IF NOT EXISTS document_sha256 bytea;
 ALTER TABLE data_points ADD COLUMN IF NOT EXISTS ingested_at timestamptz NOT NULL DEFAULT now();
-CREATE UNIQUE INDEX IF NOT EXISTS data_points_document_sha256_key ON data_points (document_sha256);
+
+-- The dedupe key is (document_sha256, time), on both layouts: a partitioned table (and every
+-- engine beyond one machine: TimescaleDB, Citus) requires the partition column in every unique
+-- index, and no weaker key would do, since the hash covers the document's time (so the pair is
+-- exactly as unique as the hash). INSERT ... ON CONFLICT names these two columns. A database of
+-- an earlier dataproc has UNIQUE (document_sha256): the pair is made first, then the old one
+-- goes. Checked by name rather than IF NOT EXISTS: TimescaleDB refuses a re-run of CREATE
+-- UNIQUE INDEX IF NOT EXISTS on a hypertable before it looks at IF NOT EXISTS.
+DO $$
+BEGIN
+  IF to_regclass('data_points_document_sha256_time_key') IS NULL THEN
+    CREATE UNIQUE INDEX data_points_document_sha256_time_key
+      ON data_points (document_sha256, time);
+  END IF;
+  IF to_regclass('data_points_document_sha256_key') IS NOT NULL THEN
+    DROP INDEX data_points_document_sha256_key;
+  END IF;
+END $$;
 
 -- Reads are ordered by (time, id) and filtered by time ranges; users read valid rows only.
 CREATE INDEX IF NOT EXISTS data_points_time_id_idx ON data_points (time, id);
@@ -53,6 +155,30 @@ CREATE TABLE IF NOT EXISTS rejects (
   body bytea NOT NULL
 );
 
+-- Retention (`dataproc prune`) removes rejects by their age, in batches.
+CREATE INDEX IF NOT EXISTS rejects_received_at_idx ON rejects (received_at);
+
+-- After retention dropped a whole partition of points [lower, upper): no trigger fired, so
+-- what follows data_points by trigger is told here (when that part of the schema exists):
+-- the summary rollups of that range go, and the data version moves on (so cached answers and
+-- ETags of every replica change). The range is whole days in UTC, so every rollup interval
+-- (a minute or an hour) lies wholly inside or outside it.
+CREATE OR REPLACE FUNCTION dataproc_points_dropped(lower timestamptz, upper timestamptz)
+RETURNS void LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF to_regclass('data_rollups') IS NOT NULL THEN
+    EXECUTE 'DELETE FROM data_rollups WHERE bucket_start >= $1 AND bucket_start < $2'
+      USING lower, upper;
+  END IF;
+  IF to_regprocedure('dataproc_bump_data_version()') IS NOT NULL THEN
+    EXECUTE $q$UPDATE dataproc_data_version
+      SET version = greatest(version + 1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+      WHERE name = 'data_points'$q$;
+    PERFORM pg_notify('dataproc_points', (SELECT version::text FROM dataproc_data_version
+                                           WHERE name = 'data_points'));
+  END IF;
+END $fn$;
+
 -- One-time steps this schema has taken on this database, so re-applying never repeats them.
 CREATE TABLE IF NOT EXISTS dataproc_state (
   key text PRIMARY KEY,
@@ -62,12 +188,14 @@ CREATE TABLE IF NOT EXISTS dataproc_state (
 -- The original's default admin (password 'admin'), seeded once per database and only when it
 -- has no admin yet (the original's init.sql made one already): an operator who later deletes
 -- or renames it does not get it back. The service warns while the password is unchanged.
-WITH first_time AS (
-  INSERT INTO dataproc_state (key) VALUES ('default_admin') ON CONFLICT DO NOTHING RETURNING key)
+-- Two plain statements rather than one writable CTE (Citus refuses those in a schema): both
+-- run in this one transaction, under the schema lock, so the pair is still done exactly once.
 INSERT INTO users (id, username, hashed_password, role)
 SELECT 0, 'admin', '$2b$12$a/pMatsPyWuHa5KdqatsFOLZgPYjPZU4If4//jeretXqZ.ujoYFJG', 'admin'
-WHERE EXISTS (SELECT 1 FROM first_time) AND NOT EXISTS (SELECT 1 FROM users WHERE role = 'admin')
+WHERE NOT EXISTS (SELECT 1 FROM dataproc_state WHERE key = 'default_admin')
+  AND NOT EXISTS (SELECT 1 FROM users WHERE role = 'admin')
 ON CONFLICT DO NOTHING;
+INSERT INTO dataproc_state (key) VALUES ('default_admin') ON CONFLICT DO NOTHING;
 
 -- Rollups: per-interval aggregates of data_points that make `/api/data/summary` cost follow
 -- its buckets, not its points. Two widths: 60 s and 3600 s rows, epoch-aligned (as date_bin

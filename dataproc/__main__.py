@@ -1,4 +1,5 @@
-"""The command line: `python -m dataproc [serve|source|init-db|create-user|populate]`.
+"""The command line: `python -m dataproc [serve|source|init-db|create-user|populate|
+migrate-partitions|prune]`.
 
 Owns: parsing arguments, building the `Config` from the environment and `.env`, running one
 command, shutting down on SIGTERM/SIGINT, and turning expected failures into one line on
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help=f"points to fetch ({rules.COUNT.low}..{rules.COUNT.high})",
     )
+    migrate = commands.add_parser(
+        "migrate-partitions", help="convert a plain data_points to DATAPROC_PARTITION partitions"
+    )
+    migrate.add_argument("--batch", type=int, default=50_000, help="rows per batch (50,000)")
+    prune = commands.add_parser("prune", help="apply DATAPROC_RETENTION once")
+    prune.add_argument("--batch", type=int, default=10_000, help="rows per delete (10,000)")
     return parser
 
 
@@ -181,12 +188,80 @@ def cmd_populate(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_migrate_partitions(args: argparse.Namespace, config: Config) -> int:
+    """Convert a plain data_points to the partitioned layout (resumable); prints the outcome."""
+    from . import runtime, store, zeroconf
+    from .progress import Progress
+    from .store import migration
+
+    if config.partition == "none":
+        raise ConfigError("DATAPROC_PARTITION: set day, week or month for migrate-partitions")
+    if not 1 <= args.batch <= 10_000_000:
+        raise ConfigError(f"--batch: must be between 1 and 10000000, got {args.batch}")
+    progress = Progress("migrate-partitions")
+    with zeroconf.resolve(config, serving=False) as resolved:
+        pool = runtime.connect(resolved.config, max_size=1)
+        try:
+            with store.connection(pool) as conn:
+                done = migration.migrate(
+                    conn, config.partition, batch=args.batch, on_batch=progress.update
+                )
+        except migration.MigrationError as error:
+            raise ConfigError(f"migrate-partitions: {error}") from None
+        finally:
+            progress.finish()
+            pool.close()
+    state = "converted to" if done.swapped else "already"
+    print(f"data_points {state} {config.partition} partitions: {done.rows} rows")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace, config: Config) -> int:
+    """Apply DATAPROC_RETENTION once; prints what was removed."""
+    from . import runtime, store, zeroconf
+    from .progress import Progress
+    from .store import partitions
+
+    keep_s = config.retention_s
+    if keep_s is None:
+        raise ConfigError("DATAPROC_RETENTION: not set (e.g. 90d), so there is nothing to prune")
+    if not 1 <= args.batch <= 1_000_000:
+        raise ConfigError(f"--batch: must be between 1 and 1000000, got {args.batch}")
+    progress = Progress("prune")
+    with zeroconf.resolve(config, serving=False) as resolved:
+        pool = runtime.connect(resolved.config, max_size=1)
+        try:
+            with store.connection(pool) as conn:
+                pruned = partitions.prune(
+                    conn,
+                    keep_s,
+                    batch=args.batch,
+                    on_batch=lambda _k, d, t: progress.update(d, t),
+                )
+        finally:
+            progress.finish()
+            pool.close()
+    print(
+        json.dumps(
+            {
+                "before": pruned.cut.isoformat() if pruned.cut else None,
+                "points": pruned.points,
+                "rejects": pruned.rejects,
+                "partitions": pruned.partitions,
+            }
+        )
+    )
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "source": cmd_source,
     "init-db": cmd_init_db,
     "create-user": cmd_create_user,
     "populate": cmd_populate,
+    "migrate-partitions": cmd_migrate_partitions,
+    "prune": cmd_prune,
 }
 
 

@@ -100,6 +100,27 @@ def _signing_key(text: str) -> str:
     return text
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """`90d`, `12h`, `30m`, `45s`, `2w` (or plain seconds): at least a minute, at most 100 years."""
+    match = re.fullmatch(r"(\d{1,9})\s*([smhdw]?)", text.strip().lower())
+    if not match:
+        raise ValueError(f"expected a duration such as 90d, 12h or 30m, got {text!r}")
+    seconds = int(match[1]) * _DURATION_UNITS[match[2] or "s"]
+    if not 60 <= seconds <= 100 * 365 * 86400:
+        raise ValueError(f"must be between 1 minute and 100 years, got {text.strip()}")
+    return float(seconds)
+
+
+def _conninfo(text: str) -> str:
+    value = text.strip()
+    if "://" not in value and "=" not in value:
+        raise ValueError(f"expected a libpq URI or key=value conninfo string, got {text!r}")
+    return value
+
+
 def _host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text.strip()):
         raise ValueError(f"expected a host name or address, got {text!r}")
@@ -433,6 +454,32 @@ class Config:
         _float_in(0, 3600),
         "on SIGTERM, how long in-flight requests may take to finish",
         unit="s",
+    )
+    # Scale (README "Partitions, retention and a read replica").
+    partition: str = setting(
+        "DATAPROC_PARTITION",
+        "none",
+        _choice("none", "day", "week", "month"),
+        "none, day, week or month: the layout `init-db` gives a new data_points (range "
+        "partitions on time, made ahead by the service, a default one for the rest)",
+    )
+    retention_s: float | None = setting(
+        "DATAPROC_RETENTION",
+        None,
+        _duration,
+        "e.g. 90d, 12h: points and rejects older than that are removed (`prune`, and the "
+        "service every 10 minutes)",
+        text="",
+        computed="unset: kept for ever",
+    )
+    read_database_url: str | None = setting(
+        "DATAPROC_READ_DATABASE_URL",
+        None,
+        _conninfo,
+        "a streaming standby (libpq URI or conninfo) that serves `/api/data`, the summary and "
+        "the export; writes, logins, sessions and role checks stay on the primary",
+        text="",
+        computed="unset: reads on the primary",
     )
     cache_enabled: bool = setting(
         "DATAPROC_CACHE",

@@ -25,6 +25,7 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OUTCOMES = ("stored", "duplicate", "rejected", "upstream_error", "timeout", "unconfigured")
 POOL_STATES = ("size", "in_use", "waiting")
+RETENTION_KINDS = ("points", "rejects", "partitions")  # what a retention run removes
 
 
 class _Histogram:
@@ -48,6 +49,8 @@ class Metrics:
         self._requests: dict[tuple[str, str, int], int] = {}
         self._durations: dict[str, _Histogram] = {}
         self._outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self._retention: dict[str, int] = dict.fromkeys(RETENTION_KINDS, 0)
+        self._retention_runs = 0
 
     def observe(self, request: Any, response: Any, duration_s: float) -> None:
         """Count one answered request (the server's observer: request, response, seconds)."""
@@ -69,6 +72,13 @@ class Metrics:
         with self._lock:
             self._outcomes[name] = self._outcomes.get(name, 0) + 1
 
+    def retention(self, removed: Mapping[str, int]) -> None:
+        """Count one retention run in this process and what it removed, by `RETENTION_KINDS`."""
+        with self._lock:
+            self._retention_runs += 1
+            for kind in RETENTION_KINDS:
+                self._retention[kind] += int(removed.get(kind, 0))
+
     def render(self, pool_stats: Mapping[str, int] | None = None) -> bytes:
         """The exposition text; `pool_stats` (size, in_use, waiting) is read by the caller now."""
         with self._lock:  # copy under the lock, format outside it
@@ -77,7 +87,9 @@ class Metrics:
                 (route, list(h.counts), h.total, h.count) for route, h in self._durations.items()
             )
             outcomes = sorted(self._outcomes.items())
+            retention, runs = sorted(self._retention.items()), self._retention_runs
         lines = _requests_lines(requests) + _duration_lines(durations) + _outcome_lines(outcomes)
+        lines += _retention_lines(retention, runs)
         if pool_stats is not None:
             lines += _pool_lines(pool_stats)
         lines += [
@@ -132,6 +144,18 @@ def _outcome_lines(outcomes: list) -> list[str]:
         for name, value in outcomes
     ]
     return lines
+
+
+def _retention_lines(removed: list, runs: int) -> list[str]:
+    return [
+        "# HELP dataproc_retention_runs_total Retention runs (DATAPROC_RETENTION) of this process.",
+        "# TYPE dataproc_retention_runs_total counter",
+        f"dataproc_retention_runs_total {runs}",
+        "# HELP dataproc_retention_removed_total What retention removed: points, rejects, "
+        "whole partitions.",
+        "# TYPE dataproc_retention_removed_total counter",
+        *(f"dataproc_retention_removed_total{_labels(kind=k)} {v}" for k, v in removed),
+    ]
 
 
 def _pool_lines(stats: Mapping[str, int]) -> list[str]:

@@ -20,7 +20,9 @@ from .config import Config
 from .metrics import Metrics
 from .poller import Poller
 from .server import HttpServer
+from .store import replica
 from .sweeper import SessionSweeper
+from .upkeep import Upkeep
 from .web import make_app
 from .zeroconf import StartupError
 
@@ -63,7 +65,7 @@ def connect(config: Config, *, max_size: int | None = None) -> ConnectionPool:
         database_url(config), max_size=max_size or config.db_pool_size, wait_s=config.db_wait_s
     )
     store.open_pool(pool, config.db_wait_s)
-    store.apply_schema(pool)
+    store.apply_schema(pool, config.partition)
     return pool
 
 
@@ -72,6 +74,7 @@ def create_app(
     pool: ConnectionPool,
     *,
     metrics: Metrics | None = None,
+    reads: replica.Reads | None = None,
     listener: notify.Listener | None = None,
 ):
     """The request handler of the service (`Request -> Response`), for `server` or embedding;
@@ -83,9 +86,31 @@ def create_app(
     on_outcome = metrics.outcome if metrics is not None else None
     return make_app(
         api.build_router(
-            api.Context(config, pool, on_outcome=on_outcome, metrics=metrics, listener=listener)
+            api.Context(
+                config,
+                pool,
+                on_outcome=on_outcome,
+                metrics=metrics,
+                reads=reads,
+                listener=listener,
+            )
         )
     )
+
+
+def open_reads(config: Config, pool: ConnectionPool) -> replica.Reads:
+    """Where reads of points go: `DATAPROC_READ_DATABASE_URL`'s standby first, when set. Its
+    wait for a connection is a third of the database wait (at most 1 s), so that a standby
+    that does not answer leaves the rest of the wait to the primary."""
+    if not config.read_database_url:
+        return replica.Reads(pool)
+    standby = replica.make_standby_pool(
+        config.read_database_url,
+        max_size=config.db_pool_size,
+        wait_s=min(1.0, config.db_wait_s / 3),
+    )
+    log.info("reads of points go to the standby of DATAPROC_READ_DATABASE_URL first")
+    return replica.Reads(pool, standby)
 
 
 def warn_if_default_admin(pool: ConnectionPool) -> None:
@@ -118,6 +143,8 @@ class Service:
         self.pool: ConnectionPool | None = None
         self.http: HttpServer | None = None
         self.poller: Poller | None = None
+        self.upkeep: Upkeep | None = None
+        self.reads: replica.Reads | None = None
         self.sweeper: SessionSweeper | None = None
         self.metrics: Metrics | None = None
         self.listener: notify.Listener | None = None
@@ -135,7 +162,10 @@ class Service:
         # caches that use it fail closed (every read goes to the database).
         self.listener = notify.Listener(database_url(self.config), notify.CHANNELS)
         self.listener.start()
-        app = create_app(self.config, self.pool, metrics=self.metrics, listener=self.listener)
+        self.reads = open_reads(self.config, self.pool)
+        app = create_app(
+            self.config, self.pool, metrics=self.metrics, reads=self.reads, listener=self.listener
+        )
         self.http = HttpServer(
             self.config,
             app,
@@ -163,6 +193,15 @@ class Service:
                 ingestor,
                 connect_timeout_s=self.config.db_wait_s,
             ).start()
+        self.upkeep = Upkeep(
+            database_url(self.config),
+            partition=self.config.partition,
+            retention_s=self.config.retention_s,
+            connect_timeout_s=self.config.db_wait_s,
+            on_pruned=self.metrics.retention if self.metrics else None,
+        )
+        if self.upkeep.needed:  # partitions made ahead, retention: one replica at a time
+            self.upkeep.start()
         self.sweeper = SessionSweeper(  # one replica at a time, by a lock
             self.pool, stale_claim_s=auth.claim_stale_s(self.config)
         ).start()
@@ -191,6 +230,8 @@ class Service:
             self._thread.join(timeout=5)
         if self.poller is not None:
             self.poller.stop()
+        if self.upkeep is not None:
+            self.upkeep.stop()
         if self.sweeper is not None:
             self.sweeper.stop()
         if self.listener is not None:
@@ -199,6 +240,8 @@ class Service:
             # A daemon thread still inside bcrypt (Rust) when the interpreter exits aborts the
             # process ("FATAL: exception not rethrown", SIGABRT): let the check finish first.
             self._admin_check.join(timeout=10)
+        if self.reads is not None:
+            self.reads.close()
         if self.pool is not None:
             self.pool.close(timeout=5)
         if self._zeroconf is not None:

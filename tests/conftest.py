@@ -16,7 +16,7 @@ import pytest
 
 from dataproc import store
 from dataproc.upstream import simulated
-from support import Client, create_user, login, make_config
+from support import TEST_PARTITION, Client, create_user, login, make_config
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +42,11 @@ def database_url(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def pool(database_url):
-    """A pool on the test database with the schema applied."""
+    """A pool on the test database with the schema applied, in the layout of
+    `DATAPROC_TEST_PARTITION` (none, day, week or month; CI runs tests/e2e both ways)."""
     pool = store.make_pool(database_url, max_size=8, wait_s=5)
     store.open_pool(pool, 10)
-    store.apply_schema(pool)
+    store.apply_schema(pool, TEST_PARTITION)
     yield pool
     pool.close()
 
@@ -58,7 +59,7 @@ def clean_db(pool):
         conn.execute(
             "TRUNCATE data_points, rejects, sessions, users, dataproc_state RESTART IDENTITY"
         )
-    store.apply_schema(pool)
+    store.apply_schema(pool, TEST_PARTITION)
     return pool
 
 

@@ -14,6 +14,7 @@ from .. import auth, ingest, notify
 from ..cache import ReadCache
 from ..config import Config
 from ..metrics import Metrics
+from ..store.replica import Reads
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Context:
     clock: Callable[[], float] = time.time
     on_outcome: Callable[[str], None] | None = None
     metrics: Metrics | None = None  # served at /metrics; None (or DATAPROC_METRICS=false): 404
+    # Reads of points: a streaming standby first when one is configured, else `pool`.
+    reads: Reads | None = None
     # Hears every write (LISTEN/NOTIFY); None without one: what relies on it fails closed.
     listener: notify.Listener | None = None
     throttle: auth.LoginThrottle = field(init=False)
@@ -38,6 +41,8 @@ class Context:
     cache: ReadCache = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.reads is None:
+            self.reads = Reads(self.pool)
         self.throttle = auth.LoginThrottle(
             self.config.login_max_failures, self.config.login_window_s
         )

@@ -6,8 +6,9 @@ from __future__ import annotations
 from datetime import datetime
 from urllib.parse import urlencode
 
-from .. import auth, store
+from .. import auth
 from ..cache import Answer
+from ..store import replica
 from ..web import Request, Response
 from .cached import cached_read
 from .context import Context
@@ -27,9 +28,11 @@ def data(request: Request, ctx: Context) -> Response:
 
     def compute(viewer: str) -> Answer:
         # One round trip: the store checks the user and its role, and reads the data version,
-        # in the same statement (one snapshot).
-        page = store.list_points(
-            ctx.pool,
+        # in the same statement (one snapshot). With a read standby, two: the role on the
+        # primary, the page and its version on the standby.
+        assert ctx.reads is not None  # Context makes it
+        page = replica.list_points(
+            ctx.reads,
             viewer=viewer,
             start=query.start,
             end=query.end,

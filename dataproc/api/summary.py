@@ -141,7 +141,9 @@ def _window(
     needed)."""
     if query.start is not None and query.end is not None:
         return None, None, query.start, query.end
-    role, version, first, last = rollups.visible_span(ctx.pool, username, query.start, query.end)
+    role, version, first, last = rollups.visible_span(
+        ctx.pool, username, query.start, query.end, reads=ctx.reads
+    )
     start = query.start or first or query.end
     end = query.end or last or query.start
     return role, version, start, end
@@ -156,7 +158,9 @@ def _compute(ctx: Context, query: SummaryQuery, username: str) -> Answer:
         body = _body(None, None, query.bucket_s or DEFAULT_SIZES[0], b"[]")
         return Answer(role, span_version or 0, body)
     size = choose_bucket(start, end, query.bucket_s)
-    role, buckets, _, version = rollups.summarize(ctx.pool, username, start, end, size)
+    role, buckets, _, version = rollups.summarize(
+        ctx.pool, username, start, end, size, reads=ctx.reads
+    )
     if span_version is not None:
         version = min(version, span_version)
     return Answer(role, version, _body(start, end, size, buckets))

@@ -266,9 +266,16 @@ def schema_sql() -> str:
     return resources.files("dataproc").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
-def apply_schema(pool: ConnectionPool) -> None:
-    """Apply schema.sql in one transaction (idempotent; replicas take turns on a lock)."""
+# The layout a new data_points gets (DATAPROC_PARTITION), handed to schema.sql as a setting of
+# its transaction (`current_setting('dataproc.partition', true)`), so the file stays one script.
+SET_PARTITION = "SELECT set_config('dataproc.partition', %s, true)"
+
+
+def apply_schema(pool: ConnectionPool, partition: str = "none") -> None:
+    """Apply schema.sql in one transaction (idempotent; replicas take turns on a lock).
+    `partition` ('none', 'day', 'week', 'month') is the layout of a data_points made now."""
     with connection(pool) as conn, conn.transaction():
+        conn.execute(SET_PARTITION, (partition,))
         conn.execute(schema_sql())
 
 
@@ -363,10 +370,13 @@ INSERT_POINT = f"""
 WITH inserted AS (
   INSERT INTO data_points AS p (time, value, valid, tags, source_document, document_sha256)
   VALUES (%s, %s, %s, %s, %s, %s)
-  ON CONFLICT (document_sha256) DO NOTHING
+  ON CONFLICT (document_sha256, time) DO NOTHING
   RETURNING p.*)
 SELECT {_POINT_JSON} FROM inserted p"""
-SELECT_POINT_BY_DOCUMENT = f"SELECT {_POINT_JSON} FROM data_points p WHERE document_sha256 = %s"
+# By the whole dedupe key: on the partitioned layout the time picks the one partition to look in.
+SELECT_POINT_BY_DOCUMENT = (
+    f"SELECT {_POINT_JSON} FROM data_points p WHERE document_sha256 = %s AND time = %s"
+)
 INSERT_REJECT = "INSERT INTO rejects (reason, body) VALUES (%s, %s)"
 
 # The data version in the same statement (the same snapshot) as the rows: the read cache's
@@ -410,7 +420,7 @@ def insert_point(pool: ConnectionPool, point: NewPoint) -> tuple[bytes, bool]:
         row = conn.execute(INSERT_POINT, params).fetchone()
         if row is not None:
             return row[0].encode(), True
-        row = conn.execute(SELECT_POINT_BY_DOCUMENT, (point.document_sha256,)).fetchone()
+        row = conn.execute(SELECT_POINT_BY_DOCUMENT, (point.document_sha256, point.time)).fetchone()
     # Neither inserted nor found: a concurrent insert of the same document has not committed
     # yet. Whether it will is unknown here, so this is a 503 to retry, not a duplicate.
     if row is None:

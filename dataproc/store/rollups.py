@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from psycopg_pool import ConnectionPool
 
 from . import DATA_VERSION, NO_LOWER_BOUND, NO_UPPER_BOUND, connection, read_one
+
+if TYPE_CHECKING:  # a type only: replica imports nothing of rollups
+    from .replica import Reads
 
 log = logging.getLogger("dataproc.store.rollups")
 
@@ -140,18 +144,32 @@ SELECT (SELECT role FROM viewer), {DATA_VERSION},
 
 
 def visible_span(
-    pool: ConnectionPool, viewer: str, start: datetime | None, end: datetime | None
+    pool: ConnectionPool,
+    viewer: str,
+    start: datetime | None,
+    end: datetime | None,
+    *,
+    reads: Reads | None = None,
 ) -> tuple[str | None, int, datetime | None, datetime | None]:
     """(role, version, first, last): the viewer's role (None: no such user), the data version
     read, and the first and last visible point's time within the given bounds (None when
     there is none)."""
     params = {"viewer": viewer, "start": start or NO_LOWER_BOUND, "end": end or NO_UPPER_BOUND}
-    row = read_one(pool, SELECT_SPAN, params)
+    # With `reads`: through its read standby, the role from the primary.
+    row = (
+        reads.read_as_viewer(SELECT_SPAN, params) if reads else read_one(pool, SELECT_SPAN, params)
+    )
     return (row[0], row[1], row[2], row[3]) if row else (None, 0, None, None)
 
 
 def summarize(
-    pool: ConnectionPool, viewer: str, start: datetime, end: datetime, bucket_s: int
+    pool: ConnectionPool,
+    viewer: str,
+    start: datetime,
+    end: datetime,
+    bucket_s: int,
+    *,
+    reads: Reads | None = None,
 ) -> tuple[str | None, bytes, int, int]:
     """(role, buckets, how many, version): the non-empty epoch-aligned buckets of
     `start..end` (inclusive) as `viewer` may see them, in time order, as a JSON array
@@ -162,7 +180,11 @@ def summarize(
         "epoch": EPOCH,
         **plan_pieces(start, end, bucket_s),
     }
-    row = read_one(pool, SELECT_SUMMARY, params)
+    row = (
+        reads.read_as_viewer(SELECT_SUMMARY, params)
+        if reads
+        else read_one(pool, SELECT_SUMMARY, params)
+    )
     if row is None:  # an aggregate always answers one row; this is for the type checker
         return None, b"[]", 0, 0
     role, count, body, version = row

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ REPO = Path(__file__).resolve().parents[2]  # the project's top folder
 ACCESS_KEY = "test-access-key-" + "a" * 32
 REFRESH_KEY = "test-refresh-key-" + "b" * 32
 TEST_COST = 4  # bcrypt cost for users the tests create: fast, same code path
+# The data_points layout of the test database: `DATAPROC_TEST_PARTITION=day` runs the suite on
+# the partitioned layout (the `pool` fixture makes it so; services started by tests use it).
+TEST_PARTITION = os.environ.get("DATAPROC_TEST_PARTITION", "none") or "none"
 
 
 def make_config(database_url: str | None, **overrides) -> Config:
@@ -34,6 +38,7 @@ def make_config(database_url: str | None, **overrides) -> Config:
         socket_timeout_s=5.0,
         shutdown_grace_s=2.0,
         login_concurrency=2,
+        partition=TEST_PARTITION,
     )
     values.update(overrides)
     return Config(**values)

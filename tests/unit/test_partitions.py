@@ -1,0 +1,213 @@
+"""The partitioned layout against real PostgreSQL: what init-db makes, the dedupe key on both
+layouts (also over the original's init.sql and our previous schema), the DEFAULT partition
+taking a backfill, partitions made ahead by the upkeep job under its advisory lock, and pages
+that read the same on either layout.
+
+Each test that needs a layout makes its own database on the test server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from dataproc import store
+from dataproc.store import partitions
+from dataproc.upkeep import Upkeep
+from support import TEST_PARTITION
+
+T0 = datetime(2024, 4, 22, 15, 7, 57, tzinfo=UTC)
+
+# The original's tables (its init.sql, for one database) and our previous unique key.
+ORIGINAL_TABLES = """
+CREATE TABLE "users" ("id" serial PRIMARY KEY, "username" varchar NOT NULL UNIQUE,
+  "hashed_password" varchar NOT NULL, "role" varchar NOT NULL DEFAULT 'user');
+CREATE TABLE "data_points" ("id" serial PRIMARY KEY, "time" timestamptz NOT NULL,
+  "value" DOUBLE PRECISION NOT NULL, "valid" boolean NOT NULL, "tags" varchar[]);
+INSERT INTO USERS(id, username, hashed_password, role) VALUES(0, 'admin', 'x', 'admin');
+"""
+PREVIOUS_KEY = """
+ALTER TABLE data_points ADD COLUMN source_document text;
+ALTER TABLE data_points ADD COLUMN document_sha256 bytea;
+ALTER TABLE data_points ADD COLUMN ingested_at timestamptz NOT NULL DEFAULT now();
+CREATE UNIQUE INDEX data_points_document_sha256_key ON data_points (document_sha256);
+"""
+
+
+@pytest.fixture
+def fresh_database(database_url) -> Iterator[str]:
+    """The conninfo of a new, empty database on the test server; dropped afterwards."""
+    name = "dataproc_" + uuid.uuid4().hex[:12]
+    admin = make_conninfo(database_url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(database_url, dbname=name)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def fresh_pool(fresh_database) -> Iterator[store.ConnectionPool]:
+    pool = store.make_pool(fresh_database, max_size=3, wait_s=5)
+    store.open_pool(pool, 10)
+    yield pool
+    pool.close()
+
+
+def rows(pool, sql: str, params=()) -> list[tuple]:
+    with store.connection(pool) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def point(when: datetime, *, sha: bytes | None = None, valid: bool = True) -> store.NewPoint:
+    return store.NewPoint(when, 1.5, valid, [], "{}", sha or os.urandom(32))
+
+
+def test_the_test_database_has_the_layout_the_run_asked_for(pool):
+    """DATAPROC_TEST_PARTITION=day runs the suites on the partitioned layout: really."""
+    with store.connection(pool) as conn:
+        shape = partitions.layout(conn)
+    assert shape == ("plain" if TEST_PARTITION == "none" else "partitioned")
+
+
+@pytest.mark.parametrize("step", ["day", "week", "month"])
+def test_init_db_makes_a_partitioned_table_with_the_unique_keys(fresh_pool, step):
+    store.apply_schema(fresh_pool, step)
+    store.apply_schema(fresh_pool, step)  # idempotent
+    assert rows(fresh_pool, partitions.LAYOUT) == [("p",)]
+    keys = dict(
+        rows(
+            fresh_pool,
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = 'data_points'::regclass AND contype IN ('p', 'u')",
+        )
+    )
+    assert keys == {
+        "data_points_pkey": 'PRIMARY KEY (id, "time")',
+        "data_points_document_sha256_time_key": 'UNIQUE (document_sha256, "time")',
+    }
+    parts = rows(fresh_pool, partitions.LIST_PARTITIONS)
+    assert parts[-1][0] == "data_points_default" and parts[-1][1] is None
+    ranged = parts[:-1]
+    assert len(ranged) == 4  # this period and the next three
+    now = rows(fresh_pool, "SELECT now()")[0][0]
+    assert ranged[0][1] <= now < ranged[0][2]
+    for (_, _, upper), (_, lower, _) in zip(ranged, ranged[1:], strict=False):
+        assert upper == lower  # contiguous
+    assert all(lower.astimezone(UTC).hour == 0 for _, lower, _ in ranged)
+
+
+def test_a_plain_database_keeps_its_layout_when_partitioning_is_asked_later(fresh_pool):
+    store.apply_schema(fresh_pool)
+    store.apply_schema(fresh_pool, "day")
+    assert rows(fresh_pool, partitions.LAYOUT) == [("r",)]
+
+
+@pytest.mark.parametrize("start", ["original", "previous"])
+def test_the_unique_key_moves_to_the_pair_on_older_plain_databases(fresh_pool, start):
+    with store.connection(fresh_pool) as conn:
+        conn.execute(ORIGINAL_TABLES)
+        if start == "previous":
+            conn.execute(PREVIOUS_KEY)
+    store.apply_schema(fresh_pool)
+    store.apply_schema(fresh_pool)
+    indexes = {
+        name: definition
+        for name, definition in rows(
+            fresh_pool,
+            "SELECT indexname::text, indexdef FROM pg_indexes WHERE tablename = 'data_points'",
+        )
+    }
+    assert "data_points_document_sha256_key" not in indexes
+    assert '(document_sha256, "time")' in indexes["data_points_document_sha256_time_key"]
+    first, new = store.insert_point(fresh_pool, point(T0, sha=b"s" * 32))
+    again, new_again = store.insert_point(fresh_pool, point(T0, sha=b"s" * 32))
+    assert (new, new_again) == (True, False) and first == again
+
+
+@pytest.mark.parametrize("step", ["none", "day"])
+def test_the_same_document_is_stored_once_on_either_layout(fresh_pool, step):
+    store.apply_schema(fresh_pool, step)
+    sha = os.urandom(32)
+    results = [store.insert_point(fresh_pool, point(T0, sha=sha)) for _ in range(3)]
+    assert [new for _, new in results] == [True, False, False]
+    assert len({body for body, _ in results}) == 1
+    assert rows(fresh_pool, "SELECT count(*) FROM data_points") == [(1,)]
+
+
+def test_a_backfill_lands_in_the_default_partition_and_moves_when_its_partition_is_made(
+    fresh_pool,
+):
+    store.apply_schema(fresh_pool, "day")
+    old = datetime(2001, 2, 3, 4, 5, 6, tzinfo=UTC)
+    body, _ = store.insert_point(fresh_pool, point(old))
+    where = "SELECT tableoid::regclass::text FROM data_points"
+    assert rows(fresh_pool, where) == [("data_points_default",)]
+    made = rows(fresh_pool, "SELECT dataproc_ensure_partition('data_points', 'day', %s)", (old,))
+    assert made == [("data_points_d20010203",)]
+    assert rows(fresh_pool, where) == [("data_points_d20010203",)]
+    assert json.loads(store.list_points(fresh_pool, viewer="admin").json) == [json.loads(body)]
+    again = rows(fresh_pool, "SELECT dataproc_ensure_partition('data_points', 'day', %s)", (old,))
+    assert again == [(None,)]
+
+
+def test_partition_bounds_are_utc_days_whatever_the_session_time_zone(fresh_pool):
+    store.apply_schema(fresh_pool, "day")
+    with store.connection(fresh_pool) as conn, conn.transaction():
+        conn.execute("SET LOCAL TimeZone = 'Europe/Berlin'")
+        conn.execute(  # the day of the spring DST change in Berlin
+            "SELECT dataproc_ensure_partition('data_points', 'day', '2026-03-29 12:00Z')"
+        )
+    bounds = {
+        name: (lower, upper) for name, lower, upper in rows(fresh_pool, partitions.LIST_PARTITIONS)
+    }
+    lower, upper = bounds["data_points_d20260329"]
+    assert lower == datetime(2026, 3, 29, tzinfo=UTC) and upper - lower == timedelta(days=1)
+
+
+def test_upkeep_makes_partitions_ahead_one_replica_at_a_time(fresh_pool, fresh_database):
+    store.apply_schema(fresh_pool, "day")
+    with store.connection(fresh_pool) as conn:
+        conn.execute(
+            "DROP TABLE data_points_"
+            + "d"
+            + conn.execute(
+                "SELECT to_char((now() AT TIME ZONE 'UTC') + interval '3 days', 'YYYYMMDD')"
+            ).fetchone()[0]
+        )
+    before = len(rows(fresh_pool, partitions.LIST_PARTITIONS))
+    upkeep = Upkeep(fresh_database, partition="day", retention_s=None)
+    with psycopg.connect(fresh_database, autocommit=True) as other:
+        other.execute(partitions.TRY_UPKEEP_LOCK, (partitions.UPKEEP_LOCK_KEY,))
+        assert upkeep.run_once() is False  # another replica holds the lock
+        assert len(rows(fresh_pool, partitions.LIST_PARTITIONS)) == before
+    assert upkeep.run_once() is True
+    assert len(rows(fresh_pool, partitions.LIST_PARTITIONS)) == before + 1
+
+
+@pytest.mark.parametrize("step", ["none", "day"])
+def test_pages_and_the_keyset_cursor_read_the_same_on_either_layout(fresh_pool, step):
+    store.apply_schema(fresh_pool, step)
+    with store.connection(fresh_pool) as conn:
+        # 3 days of points, with equal times across partitions' edges; some in the DEFAULT one.
+        conn.execute(
+            "INSERT INTO data_points (time, value, valid, tags) "
+            "SELECT date_trunc('day', now()) - interval '1 day' + (i / 2) * interval '10 minutes', "
+            "i, i % 3 > 0, '{}' FROM generate_series(0, 863) i"
+        )
+    seen, after = [], None
+    while True:
+        page = store.list_points(fresh_pool, viewer="admin", after=after, limit=100)
+        seen += json.loads(page.json)
+        if page.count < 100:
+            break
+        after = page.last
+    expected = rows(fresh_pool, "SELECT id FROM data_points ORDER BY time, id")
+    assert [p["id"] for p in seen] == [i for (i,) in expected]
