@@ -330,7 +330,7 @@ class Config:
         "DATAPROC_MAX_CONNECTIONS",
         512,
         _int_in(1, 10000),
-        "open connections (a thread each); past it a fast 503",
+        "open connections (an idle one costs no thread); past it a fast 503",
     )
     # Threads that run requests; idle keep-alive connections wait in a selector, not here.
     # A thread that waits (for a pool connection, a bcrypt slot, a slow client's write)
