@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 
 import psycopg
 
 from .ingest import IngestFailure, Ingestor
+from .jobs import Job
 from .store import POLLER_LOCK_KEY, POLLER_UNLOCK, STILL_HERE, TRY_POLLER_LOCK
 
 log = logging.getLogger("dataproc.poller")
 
 
-class Poller:
+class Poller(Job):
     """Ingest one point per interval while this process holds the poller lock."""
 
     def __init__(
@@ -43,8 +43,7 @@ class Poller:
         self.failures = 0  # of those, how many failed (the next tick retries)
         self._conn: psycopg.Connection | None = None  # dedicated: never a pooled one
         self._leader = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dataproc-poller", daemon=True)
+        super().__init__("dataproc-poller")
 
     @property
     def leader(self) -> bool:
@@ -52,16 +51,10 @@ class Poller:
         return self._leader
 
     def start(self) -> Poller:
-        """Start ticking in a background thread; returns at once."""
+        """Start ticking in a background thread; returns at once. `stop()` waits for a tick
+        in progress, and the lock is released as the thread ends."""
         log.info("polling the upstream every %g s (one replica at a time)", self.interval_s)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """Stop ticking, wait for a tick in progress, release the lock."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+        return super().start()
 
     def _run(self) -> None:
         # A fixed schedule: a slow ingestion does not push the next tick back; a tick missed

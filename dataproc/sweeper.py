@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from psycopg_pool import ConnectionPool
 
+from .jobs import Job
 from .store import DatabaseUnavailable
 from .store import sessions as session_store
 
@@ -28,7 +28,7 @@ SWEEP_INTERVAL_S = 600.0  # sessions only need to stay small, not be gone to the
 KEEP_ENDED_S = 86_400.0  # an ended session's row is kept a day (why it ended, for the logs)
 
 
-class SessionSweeper:
+class SessionSweeper(Job):
     """Every `interval_s` (the first after a random part of it, so replicas started together
     do not all try at once), one sweep of expired and long-ended sessions."""
 
@@ -44,19 +44,7 @@ class SessionSweeper:
         self.clock = clock  # expiry is decided on the clock the tokens were issued on
         self.stale_claim_s = stale_claim_s  # None: leave claims alone
         self.removed = 0  # sessions this process has deleted
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dataproc-sweeper", daemon=True)
-
-    def start(self) -> SessionSweeper:
-        """Start sweeping in a background thread; returns at once."""
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop, waiting for a sweep in progress."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+        super().__init__("dataproc-sweeper")
 
     def sweep(self) -> int | None:
         """One sweep now: the sessions removed, or None when another replica was sweeping."""

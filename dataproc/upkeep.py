@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Callable, Mapping
 
 import psycopg
 
+from .jobs import Job
 from .store import partitions
 
 log = logging.getLogger("dataproc.upkeep")
@@ -24,7 +24,7 @@ log = logging.getLogger("dataproc.upkeep")
 INTERVAL_S = 600.0  # partitions are made four periods ahead; retention is at most this late
 
 
-class Upkeep:
+class Upkeep(Job):
     """Every `interval_s` (and once at start): partitions ahead, then retention."""
 
     def __init__(
@@ -44,26 +44,16 @@ class Upkeep:
             on_pruned,
         )
         self.runs = 0  # runs this process did (it held the lock)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="dataproc-upkeep", daemon=True)
+        super().__init__("dataproc-upkeep")
 
     @property
     def needed(self) -> bool:
         """False when there is nothing to keep up (no partitioning, no retention)."""
         return self.partition != "none" or self.retention_s is not None
 
-    def start(self) -> Upkeep:
-        """Run at once, then every interval, in a background thread."""
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """Stop after the run in progress (a prune ends after its current batch's statement)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-
-    def _loop(self) -> None:
+    def _run(self) -> None:
+        # At once, then every interval; `stop()` waits for the run in progress (a prune ends
+        # after its current batch's statement).
         while True:
             try:
                 self.run_once()

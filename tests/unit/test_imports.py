@@ -104,11 +104,12 @@ ALLOWED: dict[str, frozenset[str]] = {
     "static": LEAF,  # a package only so importlib.resources finds docs.html
     "logs": LEAF,
     "metrics": LEAF,
-    "poller": frozenset({"ingest", "store", "config"}),
+    "jobs": LEAF,  # a background job's thread and stop event
+    "poller": frozenset({"ingest", "store", "config", "jobs"}),
     "progress": LEAF,  # a long command's bar or lines on stderr
     # partitions made ahead and retention, one replica at a time (the SQL is in store)
-    "upkeep": frozenset({"store"}),
-    "sweeper": frozenset({"store"}),  # the session sweep: a background job like the poller
+    "upkeep": frozenset({"store", "jobs"}),
+    "sweeper": frozenset({"store", "jobs"}),  # the session sweep: a background job like the poller
     "notify": frozenset({"store"}),  # the LISTEN statement, like every statement, is in store
     "cache": LEAF,  # pure bookkeeping: the listener it is handed, never imported
     # workers pre-forks processes that each run runtime.Service: part of the shell with
