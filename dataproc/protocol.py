@@ -12,8 +12,10 @@ from __future__ import annotations
 import email.utils
 import random
 import re
+import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -387,10 +389,47 @@ def gzip_headers(headers: dict[str, str]) -> dict[str, str]:
     return {**add_vary(headers, "Accept-Encoding"), "Content-Encoding": "gzip"}
 
 
+class CompressedBodies:
+    """The gzip encodings of bodies compressed lately, keyed by the body's bytes: an answer
+    served again from the read cache is the same `bytes` object (its hash is kept by Python),
+    so it is not compressed again, which cost more than the rest of such a request. Bounded
+    in bytes (bodies and encodings counted), least recently used out first."""
+
+    def __init__(self, max_bytes: int = 4 << 20, max_body_bytes: int = 256 << 10) -> None:
+        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes, self._max, self._max_body = 0, max_bytes, max_body_bytes
+        self._lock = threading.Lock()
+
+    def gzip(self, body: bytes) -> bytes:
+        """`body` gzip-encoded, from memory when it was lately."""
+        with self._lock:
+            encoded = self._entries.get(body)
+            if encoded is not None:
+                self._entries.move_to_end(body)
+                return encoded
+        encoder = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+        encoded = encoder.compress(body) + encoder.flush()
+        if len(body) <= self._max_body:
+            self._keep(body, encoded)
+        return encoded
+
+    def _keep(self, body: bytes, encoded: bytes) -> None:
+        with self._lock:
+            if body in self._entries:
+                return
+            self._entries[body] = encoded
+            self._bytes += len(body) + len(encoded)
+            while self._bytes > self._max:
+                old, old_encoded = self._entries.popitem(last=False)
+                self._bytes -= len(old) + len(old_encoded)
+
+
+COMPRESSED = CompressedBodies()
+
+
 def gzip_body(body: bytes) -> bytes:
     """A whole body gzip-encoded (RFC 1952)."""
-    encoder = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
-    return encoder.compress(body) + encoder.flush()
+    return COMPRESSED.gzip(body)
 
 
 class GzipStream:

@@ -305,3 +305,32 @@ def test_closing_a_gzip_stream_before_its_first_chunk_closes_the_producer():
 )
 def test_if_none_match_lists_weak_tags_and_star(header, etag, matches):
     assert protocol.if_none_match_matches(header, etag) is matches
+
+
+def test_a_body_compressed_lately_is_not_compressed_again_and_decodes_the_same():
+    import gzip
+
+    from dataproc.protocol import CompressedBodies
+
+    bodies = CompressedBodies()
+    body = b'{"value": 1.5}' * 200
+    first = bodies.gzip(body)
+    assert bodies.gzip(body) is first  # the same encoding, from memory
+    assert bodies.gzip(bytes(body)) is first  # equal bytes are the same body
+    assert gzip.decompress(first) == body
+
+
+def test_the_compressed_bodies_are_bounded_in_bytes():
+    import gzip
+
+    from dataproc.protocol import CompressedBodies
+
+    bodies = CompressedBodies(max_bytes=10_000, max_body_bytes=8_000)
+    first = bodies.gzip(b"a" * 4_000)
+    for i in range(20):
+        bodies.gzip(bytes([65 + i]) * 4_000)
+    assert bodies._bytes <= 10_000
+    assert bodies.gzip(b"a" * 4_000) is not first  # evicted, compressed anew
+    big = b"z" * 9_000  # over max_body_bytes: compressed, never kept
+    assert gzip.decompress(bodies.gzip(big)) == big
+    assert big not in bodies._entries
