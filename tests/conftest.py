@@ -12,7 +12,9 @@ import os
 import uuid
 from collections.abc import Iterator
 
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from dataproc import store
 from dataproc.upstream import simulated
@@ -49,6 +51,21 @@ def pool(database_url):
     store.apply_schema(pool, TEST_PARTITION)
     yield pool
     pool.close()
+
+
+@pytest.fixture
+def fresh_database(database_url) -> Iterator[str]:
+    """The conninfo of a new, empty database on the test server; dropped afterwards."""
+    name = "dataproc_" + uuid.uuid4().hex[:12]
+    admin = make_conninfo(database_url, dbname="postgres")
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.errors.InsufficientPrivilege:
+        pytest.skip("the test database's user may not create databases")
+    yield make_conninfo(database_url, dbname=name)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

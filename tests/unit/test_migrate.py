@@ -12,12 +12,9 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from dataproc.runtime import Service
 from dataproc.store import partitions
@@ -36,17 +33,6 @@ FILL = """
 INSERT INTO data_points (time, value, valid, tags)
 SELECT now() - i * interval '100 seconds', i, i %% 4 > 0, ARRAY['t' || (i %% 7)]
 FROM generate_series(1, %s) i"""
-
-
-@pytest.fixture
-def fresh_database(database_url) -> Iterator[str]:
-    name = "dataproc_" + uuid.uuid4().hex[:12]
-    admin = make_conninfo(database_url, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(database_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def run_migration(conninfo: str, cwd, *, batch: int, kill_after: int | None = None) -> str:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from dataproc import store
 from dataproc.store import partitions
@@ -39,18 +37,6 @@ ALTER TABLE data_points ADD COLUMN document_sha256 bytea;
 ALTER TABLE data_points ADD COLUMN ingested_at timestamptz NOT NULL DEFAULT now();
 CREATE UNIQUE INDEX data_points_document_sha256_key ON data_points (document_sha256);
 """
-
-
-@pytest.fixture
-def fresh_database(database_url) -> Iterator[str]:
-    """The conninfo of a new, empty database on the test server; dropped afterwards."""
-    name = "dataproc_" + uuid.uuid4().hex[:12]
-    admin = make_conninfo(database_url, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(database_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -10,12 +10,9 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from dataproc import store
 from dataproc.metrics import Metrics
@@ -43,17 +40,6 @@ FROM generate_series(0, 10) i"""
 # Points and rejects well clear of the cut (which is taken a moment after these rows).
 INSIDE = "SELECT id FROM data_points WHERE time >= now() - %s * interval '1 second' + interval '1 minute'"
 OUTSIDE = "SELECT id FROM data_points WHERE time < now() - %s * interval '1 second'"
-
-
-@pytest.fixture
-def fresh_database(database_url) -> Iterator[str]:
-    name = "dataproc_" + uuid.uuid4().hex[:12]
-    admin = make_conninfo(database_url, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(database_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def filled(conninfo: str, step: str) -> tuple[set[int], set[int], int]:

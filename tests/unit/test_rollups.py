@@ -338,18 +338,6 @@ def test_a_database_of_an_earlier_dataproc_gets_rollups_on_reapply_and_rebuild(f
         pool.close()
 
 
-@pytest.fixture
-def fresh_database(database_url) -> Iterator[str]:
-    """An empty database on the test server; dropped afterwards."""
-    name = "dataproc_" + uuid.uuid4().hex[:12]
-    admin = make_conninfo(database_url, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(database_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def test_a_fresh_schema_needs_no_rebuild(clean_db):
     assert rollups.rollups_complete(clean_db) is True
 

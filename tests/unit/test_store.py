@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from dataproc import store
 
@@ -47,21 +45,6 @@ ORIGINAL_INSERT_POINT = (
     "INSERT INTO data_points (time, value, valid, tags) "
     "VALUES (%s, %s, %s, %s) RETURNING data_points.id"
 )
-
-
-@pytest.fixture
-def fresh_database(database_url) -> Iterator[str]:
-    """The conninfo of a new, empty database on the test server; dropped afterwards."""
-    name = "dataproc_" + uuid.uuid4().hex[:12]
-    admin = make_conninfo(database_url, dbname="postgres")
-    try:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.errors.InsufficientPrivilege:
-        pytest.skip("the test database's user may not create databases")
-    yield make_conninfo(database_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
