@@ -70,7 +70,7 @@ FROM data_points
 ON CONFLICT (name) DO NOTHING"""
 STATE = "SELECT step, low_id, high_id, copied_to, copied FROM dataproc_migration WHERE name = 'partitions'"
 # The partitions the old rows need, oldest first: at most the last 5,000 periods (older
-# points go to the DEFAULT partition), then the next ones ahead.
+# points go to the rest partition below them), then the next ones ahead.
 PARTITIONS_FOR_ROWS = """
 SELECT dataproc_ensure_partition('data_points_new', %(step)s, t)
 FROM generate_series(

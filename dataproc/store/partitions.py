@@ -3,8 +3,8 @@ and old points and rejects removed (whole partitions dropped, the rest in small 
 
 Owns: the SQL of these jobs and their order. Leaves the schedule and the advisory lock's session
 to `upkeep`, the command line's progress to `progress`. The partition DDL itself lives in
-schema.sql (`dataproc_ensure_partition`, `dataproc_partitions_ahead`), so the service, the
-migration and an operator with psql make partitions the same way.
+schema.sql (`dataproc_ensure_partition`, `dataproc_partitions_ahead`, `dataproc_cover_gaps`),
+so the service, the migration and an operator with psql make partitions the same way.
 """
 
 from __future__ import annotations
@@ -28,21 +28,18 @@ UPKEEP_UNLOCK = "SELECT pg_advisory_unlock(%s)"
 LAYOUT = "SELECT relkind::text FROM pg_class WHERE oid = to_regclass('data_points')"
 PARTITIONS_AHEAD = "SELECT dataproc_partitions_ahead('data_points', %s, now())"
 
-# Every partition with its bounds as timestamps (NULL, NULL for the DEFAULT one), oldest first.
-# The bounds are read back from PostgreSQL's own text of the partition bound, cast in SQL, so
-# the session's time zone cannot shift them.
-LIST_PARTITIONS = r"""
-SELECT c.relname::text,
-  (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']+)''\)'))[1]::timestamptz,
-  (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]::timestamptz
-FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-WHERE i.inhparent = to_regclass('data_points')
-ORDER BY 2 NULLS LAST"""
+# Every partition with its bounds as timestamps (NULL for MINVALUE and MAXVALUE), oldest first:
+# the periods and the rest partitions around them (schema.sql's dataproc_partition_bounds).
+LIST_PARTITIONS = """
+SELECT name, lower, upper FROM dataproc_partition_bounds('data_points')
+ORDER BY lower NULLS FIRST"""
 
 RETENTION_CUT = "SELECT now() - make_interval(secs => %s)"
 DROP_PARTITION = "DROP TABLE {}"  # an identifier read from the catalog, composed by psycopg.sql
 POINTS_DROPPED = "SELECT dataproc_points_dropped(%s, %s)"
-# A short wait for the partition lock: a long one would queue every reader behind it.
+COVER_GAPS = "SELECT dataproc_cover_gaps('data_points')"  # no time left without a partition
+# A short wait for the partition lock (making or dropping a partition locks data_points): a
+# long one would queue every reader behind it. Upkeep tries again at its next run.
 SHORT_LOCK_WAIT = "SET LOCAL lock_timeout = '2s'"
 COUNT_OLD_POINTS = "SELECT count(*) FROM data_points WHERE time < %s"
 COUNT_OLD_REJECTS = "SELECT count(*) FROM rejects WHERE received_at < %s"
@@ -75,6 +72,7 @@ def layout(conn: psycopg.Connection) -> str:
 def make_ahead(conn: psycopg.Connection, step: str) -> list[str]:
     """Make this period's partition and the next three when missing; the names made."""
     with conn.transaction():
+        conn.execute(SHORT_LOCK_WAIT)
         return [row[0] for row in conn.execute(PARTITIONS_AHEAD, (step,))]
 
 
@@ -100,8 +98,9 @@ def prune(
     on_batch: Callable[[str, int, int], None] | None = None,
 ) -> Pruned:
     """Remove points older than `keep_s` seconds (by the database's clock) and rejects received
-    before then: whole partitions entirely older than the cut are dropped; the partition that
-    straddles the cut, the DEFAULT one and a plain table lose their old rows `batch` at a time.
+    before then: whole partitions entirely older than the cut are dropped (the rest partition
+    below them then reaches up to the oldest one kept); the partition that straddles the cut,
+    that lowest rest partition and a plain table lose their old rows `batch` at a time.
     A point inside the window is never touched. `on_batch(kind, removed, total)` reports."""
     cut = one_row(conn, RETENTION_CUT, (keep_s,))[0]
     done = Pruned(cut)
@@ -115,17 +114,25 @@ def prune(
 
 
 def _drop_old_partitions(conn: psycopg.Connection, cut: datetime) -> list[str]:
-    dropped = []
-    for name, lower, upper in conn.execute(LIST_PARTITIONS).fetchall():
-        if upper is None or upper > cut:  # the DEFAULT one, or one that holds a kept point
-            continue
-        with conn.transaction():
-            conn.execute(SHORT_LOCK_WAIT)
+    """Drop, in one transaction, every partition wholly older than `cut` but the lowest rest
+    partition (from MINVALUE: dropping it would leave old times without a partition, and a
+    backfill must never fail), and cover the range they held."""
+    old = [
+        (name, lower, upper)
+        for name, lower, upper in conn.execute(LIST_PARTITIONS).fetchall()
+        if lower is not None and upper is not None and upper <= cut
+    ]
+    if not old:
+        return []
+    with conn.transaction():
+        conn.execute(SHORT_LOCK_WAIT)
+        for name, lower, upper in old:
             conn.execute(sql.SQL(DROP_PARTITION).format(sql.Identifier(name)))
             conn.execute(POINTS_DROPPED, (lower, upper))
+        conn.execute(COVER_GAPS)
+    for name, _, upper in old:
         log.info("retention: dropped partition %s (points before %s)", name, upper.isoformat())
-        dropped.append(name)
-    return dropped
+    return [name for name, _, _ in old]
 
 
 def _delete_batches(

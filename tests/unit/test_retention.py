@@ -22,8 +22,8 @@ from dataproc.upkeep import Upkeep
 from support import Client, make_config
 
 KEEP_S = 3 * 86400.0
-# Ten days of points, one every 10 minutes, back from now; a few far in the past (the DEFAULT
-# partition's, on the partitioned layout); rejects received over the same ten days.
+# Ten days of points, one every 10 minutes, back from now; a few far in the past (the lowest
+# rest partition's, on the partitioned layout); rejects received over the same ten days.
 POINTS = """
 INSERT INTO data_points (time, value, valid, tags)
 SELECT now() - i * interval '10 minutes', i, i % 3 > 0, '{}'::varchar[] FROM generate_series(0, 1439) i
@@ -87,13 +87,30 @@ def test_prune_removes_exactly_what_is_older_than_the_window(fresh_database, ste
         assert batches.count("points") == -(-len(outside) // 50)  # in batches of 50
     else:
         # Days 4..10 back are wholly older than the cut: dropped whole, their rows uncounted
-        # as deletes; the straddling day and the DEFAULT partition's old rows are deleted.
+        # as deletes; the straddling day and the lowest rest partition's old rows are deleted.
         assert len(pruned.partitions) >= 6 and all(
             n.startswith("data_points_d") for n in pruned.partitions
         )
         assert not names & set(pruned.partitions)
-        assert "data_points_default" in names
+        assert "data_points_rest_min" in names
         assert 5 <= pruned.points < len(outside)
+
+
+def test_after_a_prune_every_time_still_has_a_partition(fresh_database):
+    """The dropped days' range joins the lowest rest partition: a backfill older than the
+    window is stored (the next prune removes it), and pages read in partition order."""
+    filled(fresh_database, "day")
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        partitions.prune(conn, KEEP_S)
+        parts = conn.execute(partitions.LIST_PARTITIONS).fetchall()
+        assert parts[0][:2] == ("data_points_rest_min", None) and parts[-1][2] is None
+        for (_, _, upper), (_, lower, _) in zip(parts, parts[1:], strict=False):
+            assert upper == lower, parts
+        conn.execute(
+            "INSERT INTO data_points (time, value, valid, tags) "
+            "VALUES (now() - interval '6 days', 1, true, '{}')"
+        )
+        assert partitions.prune(conn, KEEP_S).points == 1
 
 
 def test_prune_again_removes_nothing(fresh_database):
