@@ -102,6 +102,18 @@ _POOL_WARNINGS = _OneLinePerOutage()
 logging.getLogger("psycopg.pool").addFilter(_POOL_WARNINGS)
 
 
+# Generic plans for the statements psycopg prepares (each one after its fifth run on a
+# connection): PostgreSQL's own choice kept re-planning them, and planning a page over ~100
+# partitions costs ~15 ms where the page costs ~1 ms; the generic plan prunes partitions as it
+# runs. Measured on both layouts (1M points): no read got slower, and a page on 117 daily
+# partitions went from 17 ms to 1.3 ms.
+GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.execute(GENERIC_PLANS)
+
+
 def make_pool(
     conninfo: str, *, max_size: int, wait_s: float, name: str = "dataproc"
 ) -> ConnectionPool:
@@ -119,6 +131,7 @@ def make_pool(
         name=name,
         reconnect_timeout=0,
         reconnect_failed=_connect_failed,
+        configure=_configure,
         kwargs={"autocommit": True, "connect_timeout": max(2, int(wait_s))},
     )
 

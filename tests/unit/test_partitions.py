@@ -313,3 +313,24 @@ def test_pages_and_the_keyset_cursor_read_the_same_on_either_layout(fresh_pool, 
         after = page.last
     expected = rows(fresh_pool, "SELECT id FROM data_points ORDER BY time, id")
     assert [p["id"] for p in seen] == [i for (i,) in expected]
+
+
+def test_pages_run_on_generic_plans_that_are_not_planned_again(fresh_pool):
+    """Planning a page over ~100 partitions costs more than reading it: the pool's connections
+    force generic plans, so psycopg's prepared page statement is planned once per connection."""
+    store.apply_schema(fresh_pool, "day")
+    with store.connection(fresh_pool) as conn:
+        conn.execute(
+            "SELECT dataproc_ensure_partition('data_points', 'day', now() - n * interval '1 day')"
+            " FROM generate_series(0, 40) n"
+        )
+        assert conn.execute("SHOW plan_cache_mode").fetchone() == ("force_generic_plan",)
+    for _ in range(12):
+        store.list_points(fresh_pool, viewer="admin", limit=100)
+    with store.connection(fresh_pool) as conn:
+        plans = conn.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE statement LIKE '%%FROM data_points%%'"
+        ).fetchall()
+    assert plans and all(custom == 0 for _, custom in plans), plans
+    assert sum(generic for generic, _ in plans) >= 1, plans
