@@ -461,7 +461,7 @@ class Config:
         "none",
         _choice("none", "day", "week", "month"),
         "none, day, week or month: the layout `init-db` gives a new data_points (range "
-        "partitions on time, made ahead by the service, a default one for the rest)",
+        "partitions on time, made ahead by the service, rest partitions around them)",
     )
     retention_s: float | None = setting(
         "DATAPROC_RETENTION",
