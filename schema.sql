@@ -335,8 +335,8 @@ ON CONFLICT DO NOTHING;
 INSERT INTO dataproc_state (key) VALUES ('default_admin') ON CONFLICT DO NOTHING;
 
 -- Rollups: per-interval aggregates of data_points that make `/api/data/summary` cost follow
--- its buckets, not its points. Two widths: 60 s and 3600 s rows, epoch-aligned (as date_bin
--- with origin 1970-01-01). Each row holds, over all points and over valid points only (a user
+-- its buckets, not its points. Three widths: 60 s, 3600 s and 86400 s (whole UTC days) rows,
+-- epoch-aligned (as date_bin with origin 1970-01-01). Each row holds, over all points and over valid points only (a user
 -- sees valid points only): how many, how many are finite, and the sum, min and max of the
 -- finite values (NULL when none). A row exists only while its interval holds a point.
 --
@@ -349,10 +349,10 @@ INSERT INTO dataproc_state (key) VALUES ('default_admin') ON CONFLICT DO NOTHING
 -- inserts/s); readers add the shards up. Deletes and updates that change
 -- time, value or valid recompute the intervals they touched from the raw rows (exact, and
 -- min/max cannot be un-done by subtraction). Every path takes row locks in one order
--- (60 s rows before 3600 s rows, each by time), so two single-statement writers never
+-- (minutes, then hours, then days, each by time), so two single-statement writers never
 -- deadlock. TRUNCATE empties the rollups too.
 CREATE TABLE IF NOT EXISTS data_rollups (
-  width_s integer NOT NULL CHECK (width_s IN (60, 3600)),
+  width_s integer NOT NULL CONSTRAINT data_rollups_width_s_check CHECK (width_s IN (60, 3600, 86400)),
   bucket_start timestamptz NOT NULL,
   shard smallint NOT NULL DEFAULT 0,
   count bigint NOT NULL,
@@ -368,39 +368,53 @@ CREATE TABLE IF NOT EXISTS data_rollups (
   PRIMARY KEY (width_s, bucket_start, shard)
 );
 
--- Inserted rows: add each interval's aggregate to its row (minutes, then hours).
+-- Every day row made again from the hour rows (a database made before day rows existed, and
+-- the end of `init-db`'s rebuild), with writers waiting meanwhile: each later statement then
+-- sees them all, and a writer still to come adds its delta to the day rows made here.
+CREATE OR REPLACE FUNCTION dataproc_rollups_days_from_hours() RETURNS void
+LANGUAGE sql AS $fn$
+  LOCK TABLE data_rollups IN EXCLUSIVE MODE;
+  DELETE FROM data_rollups WHERE width_s = 86400;
+  INSERT INTO data_rollups
+  SELECT 86400, date_bin('86400 seconds', bucket_start, timestamptz '1970-01-01 00:00:00+00'),
+         0, sum(count), sum(valid), sum(finite_count), sum(sum), min(min), max(max),
+         sum(valid_finite_count), sum(valid_sum), min(valid_min), max(valid_max)
+  FROM data_rollups WHERE width_s = 3600 GROUP BY 2 ORDER BY 2;
+$fn$;
+
+-- Day rows came after minutes and hours: a summary over years reads about 1,200 day rows, not
+-- 28,000 hour rows (measured at 100M points over 3.2 years). A database made before them gets
+-- them once (a writer still on the old trigger would add to its hour and not to its day, so
+-- they are made under the lock above).
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM dataproc_state WHERE key = 'rollups_days') THEN
+    LOCK TABLE data_rollups IN EXCLUSIVE MODE;
+    ALTER TABLE data_rollups DROP CONSTRAINT IF EXISTS data_rollups_width_s_check;
+    ALTER TABLE data_rollups ADD CONSTRAINT data_rollups_width_s_check
+      CHECK (width_s IN (60, 3600, 86400));
+    PERFORM dataproc_rollups_days_from_hours();
+    INSERT INTO dataproc_state (key) VALUES ('rollups_days');
+  END IF;
+END $$;
+
+-- Inserted rows: add each interval's aggregate to its row (minutes, then hours, then days),
+-- in one statement.
 CREATE OR REPLACE FUNCTION dataproc_rollups_after_insert() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
   INSERT INTO data_rollups AS r
-  SELECT 60, date_bin('60 seconds', time, timestamptz '1970-01-01 00:00:00+00'),
+  SELECT w.width, date_bin(make_interval(secs => w.width), time,
+                           timestamptz '1970-01-01 00:00:00+00'),
          (pg_backend_pid() % 8)::smallint, count(*), count(*) FILTER (WHERE valid),
          count(*) FILTER (WHERE fin), sum(value) FILTER (WHERE fin),
          min(value) FILTER (WHERE fin), max(value) FILTER (WHERE fin),
          count(*) FILTER (WHERE fin AND valid), sum(value) FILTER (WHERE fin AND valid),
          min(value) FILTER (WHERE fin AND valid), max(value) FILTER (WHERE fin AND valid)
   FROM (SELECT time, value, valid, value NOT IN ('NaN', 'Infinity', '-Infinity') AS fin
-        FROM new_rows WHERE isfinite(time)) n
-  GROUP BY 2 ORDER BY 2
-  ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET
-    count = r.count + EXCLUDED.count, valid = r.valid + EXCLUDED.valid,
-    finite_count = r.finite_count + EXCLUDED.finite_count,
-    sum = coalesce(r.sum + EXCLUDED.sum, r.sum, EXCLUDED.sum),
-    min = least(r.min, EXCLUDED.min), max = greatest(r.max, EXCLUDED.max),
-    valid_finite_count = r.valid_finite_count + EXCLUDED.valid_finite_count,
-    valid_sum = coalesce(r.valid_sum + EXCLUDED.valid_sum, r.valid_sum, EXCLUDED.valid_sum),
-    valid_min = least(r.valid_min, EXCLUDED.valid_min),
-    valid_max = greatest(r.valid_max, EXCLUDED.valid_max);
-  INSERT INTO data_rollups AS r
-  SELECT 3600, date_bin('3600 seconds', time, timestamptz '1970-01-01 00:00:00+00'),
-         (pg_backend_pid() % 8)::smallint, count(*), count(*) FILTER (WHERE valid),
-         count(*) FILTER (WHERE fin), sum(value) FILTER (WHERE fin),
-         min(value) FILTER (WHERE fin), max(value) FILTER (WHERE fin),
-         count(*) FILTER (WHERE fin AND valid), sum(value) FILTER (WHERE fin AND valid),
-         min(value) FILTER (WHERE fin AND valid), max(value) FILTER (WHERE fin AND valid)
-  FROM (SELECT time, value, valid, value NOT IN ('NaN', 'Infinity', '-Infinity') AS fin
-        FROM new_rows WHERE isfinite(time)) n
-  GROUP BY 2 ORDER BY 2
+        FROM new_rows WHERE isfinite(time)) n,
+       (VALUES (60), (3600), (86400)) AS w(width)
+  GROUP BY 1, 2 ORDER BY 1, 2
   ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET
     count = r.count + EXCLUDED.count, valid = r.valid + EXCLUDED.valid,
     finite_count = r.finite_count + EXCLUDED.finite_count,
@@ -413,15 +427,41 @@ BEGIN
   RETURN NULL;
 END $fn$;
 
--- Recompute the given minutes (and their hours) from the raw rows. First every row (each
--- shard) is made to exist and is locked, in the one order (minutes, then hours, by time); each later statement takes a fresh
--- snapshot (READ COMMITTED), so it sees every writer that held one of those locks before us,
--- and a writer still to come adds its own delta after our commit. The result goes to shard 0.
+-- The shard-0 rows of width `wide` at `starts` set to the sum of the rows of width `narrow`
+-- inside them (hours from minutes, days from hours).
+CREATE OR REPLACE FUNCTION dataproc_rollups_sum_up(narrow integer, wide integer,
+                                                   starts timestamptz[]) RETURNS void
+LANGUAGE sql AS $fn$
+  UPDATE data_rollups r SET
+    count = a.count, valid = a.valid, finite_count = a.finite_count, sum = a.sum,
+    min = a.min, max = a.max, valid_finite_count = a.valid_finite_count,
+    valid_sum = a.valid_sum, valid_min = a.valid_min, valid_max = a.valid_max
+  FROM (SELECT w.b, coalesce(sum(n.count), 0) AS count, coalesce(sum(n.valid), 0) AS valid,
+               coalesce(sum(n.finite_count), 0) AS finite_count, sum(n.sum) AS sum,
+               min(n.min) AS min, max(n.max) AS max,
+               coalesce(sum(n.valid_finite_count), 0) AS valid_finite_count,
+               sum(n.valid_sum) AS valid_sum, min(n.valid_min) AS valid_min,
+               max(n.valid_max) AS valid_max
+        FROM unnest(starts) AS w(b)
+        LEFT JOIN data_rollups n ON n.width_s = narrow AND n.bucket_start >= w.b
+                                AND n.bucket_start < w.b + make_interval(secs => wide)
+        GROUP BY w.b) a
+  WHERE r.width_s = wide AND r.bucket_start = a.b AND r.shard = 0
+$fn$;
+
+-- Recompute the given minutes (and their hours and days) from the raw rows. First every row
+-- (each shard) is made to exist and is locked, in the one order (minutes, then hours, then
+-- days, by time); each later statement takes a fresh snapshot (READ COMMITTED), so it sees
+-- every writer that held one of those locks before us, and a writer still to come adds its
+-- own delta after our commit. The result goes to shard 0.
 CREATE OR REPLACE FUNCTION dataproc_rollups_recompute(minutes timestamptz[]) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
   hours timestamptz[] := ARRAY(
     SELECT DISTINCT date_bin('3600 seconds', m, timestamptz '1970-01-01 00:00:00+00')
+    FROM unnest(minutes) m ORDER BY 1);
+  days timestamptz[] := ARRAY(
+    SELECT DISTINCT date_bin('86400 seconds', m, timestamptz '1970-01-01 00:00:00+00')
     FROM unnest(minutes) m ORDER BY 1);
 BEGIN
   minutes := ARRAY(SELECT DISTINCT m FROM unnest(minutes) m ORDER BY 1);
@@ -430,15 +470,14 @@ BEGIN
   -- rows while waiting for a minute row: a deadlock with an inserter).
   INSERT INTO data_rollups AS r
     (width_s, bucket_start, shard, count, valid, finite_count, valid_finite_count)
-  SELECT 60, m, s, 0, 0, 0, 0 FROM unnest(minutes) m, generate_series(0, 7) s
-  ORDER BY m, s ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET count = r.count;
-  INSERT INTO data_rollups AS r
-    (width_s, bucket_start, shard, count, valid, finite_count, valid_finite_count)
-  SELECT 3600, h, s, 0, 0, 0, 0 FROM unnest(hours) h, generate_series(0, 7) s
-  ORDER BY h, s ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET count = r.count;
+  SELECT w, b, s, 0, 0, 0, 0
+  FROM (SELECT 60, m FROM unnest(minutes) m UNION ALL SELECT 3600, h FROM unnest(hours) h
+        UNION ALL SELECT 86400, d FROM unnest(days) d) AS t(w, b), generate_series(0, 7) s
+  ORDER BY w, b, s ON CONFLICT (width_s, bucket_start, shard) DO UPDATE SET count = r.count;
   DELETE FROM data_rollups
   WHERE shard <> 0 AND ((width_s = 60 AND bucket_start = ANY (minutes))
-                     OR (width_s = 3600 AND bucket_start = ANY (hours)));
+                     OR (width_s = 3600 AND bucket_start = ANY (hours))
+                     OR (width_s = 86400 AND bucket_start = ANY (days)));
   UPDATE data_rollups r SET
     count = a.count, valid = a.valid, finite_count = a.finite_count, sum = a.sum,
     min = a.min, max = a.max, valid_finite_count = a.valid_finite_count,
@@ -457,24 +496,12 @@ BEGIN
           FROM data_points WHERE time >= m.b AND time < m.b + interval '60 seconds') p ON true
         GROUP BY m.b) a
   WHERE r.width_s = 60 AND r.bucket_start = a.b AND r.shard = 0;
-  UPDATE data_rollups r SET
-    count = a.count, valid = a.valid, finite_count = a.finite_count, sum = a.sum,
-    min = a.min, max = a.max, valid_finite_count = a.valid_finite_count,
-    valid_sum = a.valid_sum, valid_min = a.valid_min, valid_max = a.valid_max
-  FROM (SELECT h.b, coalesce(sum(m.count), 0) AS count, coalesce(sum(m.valid), 0) AS valid,
-               coalesce(sum(m.finite_count), 0) AS finite_count, sum(m.sum) AS sum,
-               min(m.min) AS min, max(m.max) AS max,
-               coalesce(sum(m.valid_finite_count), 0) AS valid_finite_count,
-               sum(m.valid_sum) AS valid_sum, min(m.valid_min) AS valid_min,
-               max(m.valid_max) AS valid_max
-        FROM unnest(hours) AS h(b)
-        LEFT JOIN data_rollups m ON m.width_s = 60 AND m.bucket_start >= h.b
-                                AND m.bucket_start < h.b + interval '3600 seconds'
-        GROUP BY h.b) a
-  WHERE r.width_s = 3600 AND r.bucket_start = a.b AND r.shard = 0;
+  PERFORM dataproc_rollups_sum_up(60, 3600, hours);
+  PERFORM dataproc_rollups_sum_up(3600, 86400, days);
   DELETE FROM data_rollups
   WHERE count = 0 AND ((width_s = 60 AND bucket_start = ANY (minutes))
-                    OR (width_s = 3600 AND bucket_start = ANY (hours)));
+                    OR (width_s = 3600 AND bucket_start = ANY (hours))
+                    OR (width_s = 86400 AND bucket_start = ANY (days)));
 END $fn$;
 
 CREATE OR REPLACE FUNCTION dataproc_rollups_after_delete() RETURNS trigger

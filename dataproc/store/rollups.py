@@ -1,6 +1,6 @@
 """Time-bucket summaries of data points, read from the rollups where they cover a bucket.
 
-Owns: the summary query, how a window is cut into pieces (hour rollups, minute rollups, raw
+Owns: the summary query, how a window is cut into pieces (day, hour and minute rollups, raw
 rows at the edges), the first/last visible point of a window, and the rebuild of rollups for
 rows written before the triggers of schema.sql existed. The triggers themselves (which keep
 `data_rollups` exact in the same transaction as every write) live in schema.sql.
@@ -25,6 +25,7 @@ log = logging.getLogger("dataproc.store.rollups")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MINUTE_US = 60_000_000
 HOUR_US = 3_600_000_000
+DAY_US = 86_400_000_000
 ONE_US = timedelta(microseconds=1)
 
 
@@ -44,33 +45,40 @@ def _floor(micros: int, width: int) -> int:
     return (micros // width) * width
 
 
+# The pieces a window is cut into, each a half-open range read from one source.
+PIECES = ("raw1", "raw2", "min1", "min2", "hours1", "hours2", "days")
+
+
 def plan_pieces(start: datetime, end: datetime, bucket_s: int) -> dict[str, datetime]:
     """The half-open ranges each source covers, for a window `start..end` (inclusive).
 
-    Hour rollups serve the whole hours of the window when buckets are whole hours, minute
-    rollups the whole minutes left when buckets are whole minutes, and the raw rows the rest:
-    the partial minutes at the two edges, or everything when buckets are smaller than a
-    minute. An empty range has equal ends. Pure: tested with literals."""
+    Day rollups serve the whole days of the window when buckets are whole days, hour rollups
+    the whole hours left when buckets are whole hours, minute rollups the whole minutes left
+    when buckets are whole minutes, and the raw rows the rest: the partial minutes at the two
+    edges, or everything when buckets are smaller than a minute. An empty range has equal
+    ends. Pure: tested with literals."""
     low, high = (
         to_micros(start),
         to_micros(end) + 1,
     )  # [low, high): `end` is inclusive, times are in µs
     width = bucket_s * 1_000_000
+    # From the finest source out: each level takes the whole units of the range the level
+    # before it holds in the middle, and leaves that level the two edges.
     empty = (high, high)
-    raw_left, raw_right, min_left, min_right, hours = (low, high), empty, empty, empty, empty
-    if width % MINUTE_US == 0 and _ceil(low, MINUTE_US) < _floor(high, MINUTE_US):
-        m_low, m_high = _ceil(low, MINUTE_US), _floor(high, MINUTE_US)
-        raw_left, raw_right, min_left = (low, m_low), (m_high, high), (m_low, m_high)
-        if width % HOUR_US == 0 and _ceil(m_low, HOUR_US) < _floor(m_high, HOUR_US):
-            h_low, h_high = _ceil(m_low, HOUR_US), _floor(m_high, HOUR_US)
-            min_left, min_right, hours = (m_low, h_low), (h_high, m_high), (h_low, h_high)
-    ranges = {
-        "raw1": raw_left,
-        "raw2": raw_right,
-        "min1": min_left,
-        "min2": min_right,
-        "hours": hours,
-    }
+    ranges = {name: empty for name in PIECES}
+    ranges["raw1"] = (low, high)
+    held, held_right = "raw1", "raw2"
+    for left, right, unit in (
+        ("min1", "min2", MINUTE_US),
+        ("hours1", "hours2", HOUR_US),
+        ("days", "", DAY_US),
+    ):
+        a, b = ranges[held]
+        if width % unit or _ceil(a, unit) >= _floor(b, unit):
+            break
+        ranges[held], ranges[held_right] = (a, _ceil(a, unit)), (_floor(b, unit), b)
+        ranges[left] = (_ceil(a, unit), _floor(b, unit))
+        held, held_right = left, right
     pieces = {f"{name}_from": _at(lo) for name, (lo, _) in ranges.items()}
     pieces.update({f"{name}_to": _at(hi) for name, (_, hi) in ranges.items()})
     return pieces
@@ -125,7 +133,11 @@ pieces AS (
   UNION ALL
   {_ROLLUP_PIECE.format(name="min2", width=60)}
   UNION ALL
-  {_ROLLUP_PIECE.format(name="hours", width=3600)})
+  {_ROLLUP_PIECE.format(name="hours1", width=3600)}
+  UNION ALL
+  {_ROLLUP_PIECE.format(name="hours2", width=3600)}
+  UNION ALL
+  {_ROLLUP_PIECE.format(name="days", width=86400)})
 SELECT (SELECT role FROM viewer), count(*),
        '[' || coalesce(string_agg({_BUCKET_JSON}, ',' ORDER BY b), '') || ']', {DATA_VERSION}
 FROM (SELECT b, sum(n) AS n, sum(v) AS v, sum(f) AS f, sum(s) AS s, min(lo) AS lo,
@@ -197,6 +209,9 @@ ROLLUPS_COMPLETE = "SELECT EXISTS (SELECT 1 FROM dataproc_state WHERE key = 'rol
 MARK_COMPLETE = (
     "INSERT INTO dataproc_state (key) VALUES ('rollups_complete') ON CONFLICT DO NOTHING"
 )
+# The batches rebuild minutes and hours; a day spans batches, so the days come last, from the
+# hours (schema.sql), in the transaction that marks the rollups complete.
+DAYS_FROM_HOURS = "SELECT dataproc_rollups_days_from_hours()"
 # The time `batch_rows` points after `low` (NULL: from the first point); a batch ends at the
 # next whole hour past it. Only times Python can hold are looked at: the first and the last
 # batch are unbounded and take whatever lies beyond.
@@ -249,7 +264,8 @@ def rebuild_if_missing(pool: ConnectionPool, batch_rows: int = REBUILD_BATCH_ROW
             break
         log.info("rollups: %d points done, up to %s", done, high.isoformat())
         low = high
-    with connection(pool) as conn:
+    with connection(pool) as conn, conn.transaction():
+        conn.execute(DAYS_FROM_HOURS)
         conn.execute(MARK_COMPLETE)
     log.info("rollups: complete (%d points)", done)
     return done

@@ -225,6 +225,19 @@ def test_hour_buckets_read_hour_rollups_and_minute_rollups_at_the_edges(
     assert body["buckets"][0]["count"] == 30 + 59 * 1060  # raw edge, then 59 minute rows
 
 
+def test_day_buckets_read_day_rollups_for_whole_days_only(tampered, client, admin_token):
+    with store.connection(tampered) as conn:  # the day rows alone inflated further
+        conn.execute("UPDATE data_rollups SET count = count + 500000 WHERE width_s = 86400")
+    body = summary(
+        client, admin_token, start="2024-04-21T00:00:00Z", end="2024-04-23T23:59:59Z", bucket="1d"
+    )
+    assert [b["count"] for b in body["buckets"]] == [3600 + 1000 + 500000]  # the day row
+    body = summary(
+        client, admin_token, start="2024-04-22T10:30:00Z", end="2024-04-23T23:59:59Z", bucket="1d"
+    )
+    assert [b["count"] for b in body["buckets"]] == [30 * 1060]  # minute rows, hour rows
+
+
 # --- alignment, defaults, values ------------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ SELECT w, date_bin(make_interval(secs => w), time, timestamptz 'epoch') AS b,
        count(*) FILTER (WHERE fin AND valid), sum(value) FILTER (WHERE fin AND valid),
        min(value) FILTER (WHERE fin AND valid), max(value) FILTER (WHERE fin AND valid)
 FROM (SELECT *, value NOT IN ('NaN', 'Infinity', '-Infinity') AS fin FROM data_points) p,
-     (VALUES (60), (3600)) AS widths(w)
+     (VALUES (60), (3600), (86400)) AS widths(w)
 GROUP BY 1, 2 ORDER BY 1, 2"""
 # The stored rollups, each interval's shards added up (as the summary reads them).
 STORED = """
@@ -106,7 +106,7 @@ def test_a_plain_sql_insert_is_rolled_up_in_its_own_statement(points):
 def test_single_row_inserts_add_up(clean_db):
     for i, value in enumerate([1.5, -2.0, math.nan, math.inf, 0.25]):
         execute(clean_db, INSERT, (T0 + timedelta(seconds=i * 20), value, i % 2 == 0))
-    assert assert_rollups_exact(clean_db) == 4  # three minutes, one hour
+    assert assert_rollups_exact(clean_db) == 5  # three minutes, one hour, one day
     with store.connection(clean_db) as conn:
         row = conn.execute(
             "SELECT sum(count), sum(valid), sum(finite_count), min(min), max(max) "
@@ -338,6 +338,53 @@ def test_a_database_of_an_earlier_dataproc_gets_rollups_on_reapply_and_rebuild(f
         pool.close()
 
 
+# The rollups as a dataproc before day rows left them: minutes and hours only.
+BEFORE_DAY_ROWS = """
+DELETE FROM data_rollups WHERE width_s = 86400;
+DELETE FROM dataproc_state WHERE key = 'rollups_days';
+ALTER TABLE data_rollups DROP CONSTRAINT data_rollups_width_s_check;
+ALTER TABLE data_rollups ADD CONSTRAINT data_rollups_width_s_check CHECK (width_s IN (60, 3600));
+"""
+
+
+def test_rollups_made_before_day_rows_get_them_on_reapply(fresh_database):
+    pool = store.make_pool(fresh_database, max_size=2, wait_s=5)
+    store.open_pool(pool, 10)
+    try:
+        store.apply_schema(pool)
+        execute(
+            pool,
+            "INSERT INTO data_points (time, value, valid, tags) "
+            "SELECT %s + i * interval '17 minutes', sin(i), i %% 3 > 0, '{}' "
+            "FROM generate_series(1, 600) i",
+            (T0,),
+        )
+        execute(pool, BEFORE_DAY_ROWS)
+        store.apply_schema(pool)
+        assert assert_rollups_exact(pool) > 600
+        with store.connection(pool) as conn:
+            days = conn.execute("SELECT count(*) FROM data_rollups WHERE width_s = 86400")
+            assert days.fetchone() == (8,)  # 600 x 17 minutes from T0: 8 UTC days
+    finally:
+        pool.close()
+
+
+def test_points_over_days_deleted_and_moved_keep_the_day_rows_exact(clean_db):
+    execute(
+        clean_db,
+        "INSERT INTO data_points (time, value, valid, tags) "
+        "SELECT %s + i * interval '53 minutes', i, i %% 4 > 0, '{}' FROM generate_series(1, 400) i",
+        (T0,),
+    )
+    execute(clean_db, "DELETE FROM data_points WHERE id %% 7 = 0")
+    execute(
+        clean_db,
+        "UPDATE data_points SET time = time + interval '2 days', valid = NOT valid "
+        "WHERE id %% 5 = 0",
+    )
+    assert assert_rollups_exact(clean_db) > 400
+
+
 def test_a_fresh_schema_needs_no_rebuild(clean_db):
     assert rollups.rollups_complete(clean_db) is True
 
@@ -349,7 +396,7 @@ def pieces(start: str, end: str, bucket_s: int) -> dict[str, tuple[str, str]]:
     planned = rollups.plan_pieces(
         datetime.fromisoformat(start), datetime.fromisoformat(end), bucket_s
     )
-    names = ("raw1", "raw2", "min1", "min2", "hours")
+    names = rollups.PIECES
 
     def text(moment: datetime) -> str:
         return moment.strftime("%H:%M:%S.%f").rstrip("0").rstrip(".")
@@ -365,9 +412,31 @@ def test_hour_buckets_read_hours_then_minutes_then_raw_edges():
     assert pieces("2024-04-22T10:00:30+00:00", "2024-04-22T13:30:10+00:00", 3600) == {
         "raw1": ("10:00:30", "10:01:00"),
         "min1": ("10:01:00", "11:00:00"),
-        "hours": ("11:00:00", "13:00:00"),
+        "hours1": ("11:00:00", "13:00:00"),
         "min2": ("13:00:00", "13:30:00"),
         "raw2": ("13:30:00", "13:30:10.000001"),
+    }
+
+
+def test_day_buckets_read_days_then_hours_then_minutes_then_raw_edges():
+    planned = rollups.plan_pieces(
+        datetime.fromisoformat("2024-04-20T22:30:15+00:00"),
+        datetime.fromisoformat("2024-04-23T01:10:00+00:00"),
+        86400,
+    )
+    got = {
+        name: (planned[f"{name}_from"].isoformat()[5:19], planned[f"{name}_to"].isoformat()[5:19])
+        for name in rollups.PIECES
+        if planned[f"{name}_from"] != planned[f"{name}_to"]
+    }
+    assert got == {
+        "raw1": ("04-20T22:30:15", "04-20T22:31:00"),
+        "min1": ("04-20T22:31:00", "04-20T23:00:00"),
+        "hours1": ("04-20T23:00:00", "04-21T00:00:00"),
+        "days": ("04-21T00:00:00", "04-23T00:00:00"),
+        "hours2": ("04-23T00:00:00", "04-23T01:00:00"),
+        "min2": ("04-23T01:00:00", "04-23T01:10:00"),
+        "raw2": ("04-23T01:10:00", "04-23T01:10:00"),
     }
 
 
