@@ -268,8 +268,13 @@ def prune_a_day(uri: str, size: int) -> float:
             "SELECT extract(epoch FROM now() - date_trunc('day', min(time), 'UTC')) FROM data_points",
         )
         started = time.perf_counter()
-        partitions.prune(conn, float(oldest) - 86400)
-        return (time.perf_counter() - started) * 1000
+        pruned = partitions.prune(conn, float(oldest) - 86400)
+        elapsed = (time.perf_counter() - started) * 1000
+        print(
+            f"  pruned {pruned.points:,} points, {len(pruned.partitions)} partitions",
+            file=sys.stderr,
+        )
+        return elapsed
 
 
 def markdown(results: list[dict]) -> str:

@@ -106,7 +106,9 @@ logging.getLogger("psycopg.pool").addFilter(_POOL_WARNINGS)
 # connection): PostgreSQL's own choice kept re-planning them, and planning a page over ~100
 # partitions costs ~15 ms where the page costs ~1 ms; the generic plan prunes partitions as it
 # runs. Measured on both layouts (1M points): no read got slower, and a page on 117 daily
-# partitions went from 17 ms to 1.3 ms.
+# partitions went from 17 ms to 1.3 ms. A statement whose best plan depends on its values
+# (the batches of a rebuild, a migration or a prune: `time < %s` with no LIMIT to steer it)
+# runs unprepared (`prepare=False`): its generic plan scans the whole table.
 GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
 
 

@@ -284,12 +284,16 @@ def _build_range(pool: ConnectionPool, low: datetime | None, high: datetime | No
     bounds = {"low": low, "high": high}
     with connection(pool) as conn, conn.transaction():
         conn.execute(LOCK_ROLLUPS)
-        conn.execute(CLEAR_RANGE, bounds)
+        # Unprepared, as every batch statement over a range (see store.GENERIC_PLANS).
+        conn.execute(CLEAR_RANGE, bounds, prepare=False)
         minutes = conn.execute(
-            BUILD_RANGE, {**bounds, "width": 60, "stride": timedelta(seconds=60), "epoch": EPOCH}
+            BUILD_RANGE,
+            {**bounds, "width": 60, "stride": timedelta(seconds=60), "epoch": EPOCH},
+            prepare=False,
         ).fetchall()
         conn.execute(
             BUILD_RANGE,
             {**bounds, "width": 3600, "stride": timedelta(seconds=3600), "epoch": EPOCH},
+            prepare=False,
         )
     return sum(row[0] for row in minutes)
