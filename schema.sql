@@ -54,8 +54,8 @@ BEGIN
 END $fn$;
 
 -- The partitions of `parent`, each with its bounds as timestamps (NULL for MINVALUE and
--- MAXVALUE, and for a DEFAULT partition, which says so), whether it is a rest partition, and
--- its row count estimate. The bounds are read back from PostgreSQL's own text of the
+-- MAXVALUE, and for a DEFAULT partition, which says so) and whether it is a rest partition.
+-- The bounds are read back from PostgreSQL's own text of the
 -- partition bound, cast in SQL, so the session's time zone cannot shift them.
 CREATE OR REPLACE FUNCTION dataproc_partition_bounds(parent regclass)
 RETURNS TABLE (part regclass, name text, lower timestamptz, upper timestamptz,
