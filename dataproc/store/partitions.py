@@ -38,9 +38,10 @@ RETENTION_CUT = "SELECT now() - make_interval(secs => %s)"
 DROP_PARTITION = "DROP TABLE {}"  # an identifier read from the catalog, composed by psycopg.sql
 POINTS_DROPPED = "SELECT dataproc_points_dropped(%s, %s)"
 COVER_GAPS = "SELECT dataproc_cover_gaps('data_points')"  # no time left without a partition
-# A short wait for the partition lock (making or dropping a partition locks data_points): a
-# long one would queue every reader behind it. Upkeep tries again at its next run.
-SHORT_LOCK_WAIT = "SET LOCAL lock_timeout = '2s'"
+# A short wait for the partition lock (making or dropping a partition locks data_points against
+# readers too): while it waits, every new reader queues behind it, and an export can hold the
+# table for minutes. Upkeep tries again at its next run; three periods are made ahead.
+SHORT_LOCK_WAIT = "SET LOCAL lock_timeout = '250ms'"
 COUNT_OLD_POINTS = "SELECT count(*) FROM data_points WHERE time < %s"
 COUNT_OLD_REJECTS = "SELECT count(*) FROM rejects WHERE received_at < %s"
 # Batches by the (time, id) index; each DELETE is its own transaction, so the summary triggers
