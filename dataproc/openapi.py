@@ -589,9 +589,9 @@ def _paths() -> dict[str, Any]:
                 "The points the caller can see (admins: all, others: valid ones) in buckets "
                 "aligned to the Unix epoch: per non-empty bucket its `count`, `valid`, and `min`, "
                 "`max`, `mean` over finite values. The counts agree exactly with `/api/data` for "
-                "the same window and caller. Served from per-minute, per-hour and per-day rollups kept by "
-                "the database in every writer's transaction; only buckets under a minute and the "
-                "partial minutes at the window's edges read raw rows.",
+                "the same window and caller. Served from per-minute, per-hour and per-day rollups "
+                "kept by the database in every writer's transaction; only buckets under a minute "
+                "and the partial minutes at the window's edges read raw rows.",
                 _responses(
                     {
                         "200": _json("The buckets.", _schema("Summary"), *CONDITIONAL),

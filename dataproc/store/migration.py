@@ -176,10 +176,7 @@ def _copy_batch(conn: psycopg.Connection, low: int, high: int) -> int:
         conn.execute(REPEATABLE)
         # Unprepared, as every batch statement over a range (see store.GENERIC_PLANS).
         copied = conn.execute(COPY_RANGE, bounds, prepare=False).rowcount
-        old, new = (
-            conn.execute(q, bounds, prepare=False).fetchone()[0]  # type: ignore[index]
-            for q in (COUNT_OLD, COUNT_NEW)
-        )
+        old, new = (one_row(conn, q, bounds, prepare=False)[0] for q in (COUNT_OLD, COUNT_NEW))
         if old != new:
             raise MigrationError(
                 f"ids {low + 1}..{high}: {old} rows in the old table, {new} copied"

@@ -56,9 +56,12 @@ DELETE FROM rejects WHERE id IN (
 DEFAULT_BATCH = 10_000
 
 
-def one_row(conn: psycopg.Connection, query: str, params: Any = ()) -> tuple:
-    """The one row a statement always returns (an aggregate, a function call)."""
-    row = conn.execute(query, params).fetchone()
+def one_row(
+    conn: psycopg.Connection, query: str, params: Any = (), *, prepare: bool | None = None
+) -> tuple:
+    """The one row a statement always returns (an aggregate, a function call). `prepare=False`
+    for a statement over a range of values (see store.GENERIC_PLANS)."""
+    row = conn.execute(query, params, prepare=prepare).fetchone()
     if row is None:
         raise psycopg.DataError(f"no row from: {query.split(chr(10))[0][:60]}")
     return row
