@@ -58,6 +58,14 @@ def point(when: datetime, *, sha: bytes | None = None, valid: bool = True) -> st
     return store.NewPoint(when, 1.5, valid, [], "{}", sha or os.urandom(32))
 
 
+# The last of the daily partitions made ahead dropped (as if upkeep had not made it yet).
+DROP_LAST_AHEAD = """
+DO $$ BEGIN
+  EXECUTE 'DROP TABLE data_points_d'
+    || to_char((now() AT TIME ZONE 'UTC') + interval '3 days', 'YYYYMMDD');
+END $$"""
+
+
 def covering(pool) -> list[tuple]:
     """The partitions, oldest first, after checking they cover every time exactly once."""
     parts = rows(pool, partitions.LIST_PARTITIONS)
@@ -277,13 +285,7 @@ def test_partition_bounds_are_utc_days_whatever_the_session_time_zone(fresh_pool
 def test_upkeep_makes_partitions_ahead_one_replica_at_a_time(fresh_pool, fresh_database):
     store.apply_schema(fresh_pool, "day")
     with store.connection(fresh_pool) as conn:
-        conn.execute(
-            "DROP TABLE data_points_"
-            + "d"
-            + conn.execute(
-                "SELECT to_char((now() AT TIME ZONE 'UTC') + interval '3 days', 'YYYYMMDD')"
-            ).fetchone()[0]
-        )
+        conn.execute(DROP_LAST_AHEAD)
     before = len(rows(fresh_pool, partitions.LIST_PARTITIONS))
     upkeep = Upkeep(fresh_database, partition="day", retention_s=None)
     with psycopg.connect(fresh_database, autocommit=True) as other:
@@ -343,12 +345,7 @@ def test_making_a_partition_behind_a_long_reader_gives_up_at_once(fresh_pool, fr
 
     store.apply_schema(fresh_pool, "day")
     with store.connection(fresh_pool) as conn:
-        conn.execute(
-            "DROP TABLE data_points_d"
-            + conn.execute(
-                "SELECT to_char((now() AT TIME ZONE 'UTC') + interval '3 days', 'YYYYMMDD')"
-            ).fetchone()[0]
-        )
+        conn.execute(DROP_LAST_AHEAD)
         conn.execute("SELECT dataproc_cover_gaps('data_points')")
     before = covering(fresh_pool)
     with psycopg.connect(fresh_database) as reader:
